@@ -1,0 +1,193 @@
+"""Exports of a trained GPTLanguageModel: a Hugging Face GPT-2 folder and a GGUF file.
+
+The model's graph is GPT-2's, so both are exact copies of its weights under other names:
+no retraining, no approximation. The GGUF is written with the `gguf` package (no llama.cpp
+checkout) and quantized with llama.cpp's own quantizer through llama-cpp-python.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import torch
+
+from custom_llm.cli import UserError, atomic_dir, atomic_path
+from custom_llm.runtime import llama_log
+from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
+from llm_model import LAYER_NORM_EPS
+
+# ------------------------------------------------------------------------ Hugging Face
+
+# Modules that GPT-2 stores as Conv1D, i.e. with weights transposed relative to nn.Linear.
+CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+def hf_state_dict(model) -> dict:
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().float().cpu()
+        if CONV1D_WEIGHTS.fullmatch(name):
+            tensor = tensor.t()
+        state[name if name == "lm_head.weight" else f"transformer.{name}"] = tensor.contiguous()
+    return state
+
+
+def export_hf(model, tokenizer, output_dir: str) -> None:
+    """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    config = model.config
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    hf_config = GPT2Config(
+        vocab_size=config["vocab_size"], n_positions=config["block_size"], n_embd=config["n_embd"],
+        n_layer=config["n_layer"], n_head=config["n_head"], n_inner=4 * config["n_embd"],
+        activation_function="gelu_new", layer_norm_epsilon=LAYER_NORM_EPS,
+        resid_pdrop=config["dropout"], embd_pdrop=config["dropout"], attn_pdrop=config["dropout"],
+        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
+    hf_model = GPT2LMHeadModel(hf_config)
+    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
+    # The only buffers GPT-2 may carry beyond the weights are its attention masks.
+    missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
+    if missing or unexpected:
+        raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT,
+                                           eos_token=END_OF_TEXT, unk_token=None)
+    with atomic_dir(output_dir) as tmp:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer.save_pretrained(tmp)
+
+
+# ------------------------------------------------------------------------------ GGUF
+
+def gguf_tensor_name(name: str) -> str:
+    """Our (GPT-2) parameter names -> llama.cpp's gpt2 tensor names."""
+    fixed = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    block = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
+    if not block:
+        raise KeyError(f"no GGUF name for parameter {name}")
+    layer, module, kind = block.groups()
+    gguf_module = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                   "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}[module]
+    return f"blk.{layer}.{gguf_module}.{kind}"
+
+
+def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+    """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices;
+    vectors stay F32, as llama.cpp expects)."""
+    import gguf
+
+    config = model.config
+    tokens, merges, eot = vocab_and_merges(tokenizer)
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}[dtype]
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch="gpt2")
+        writer.add_name(name)
+        writer.add_context_length(config["block_size"])
+        writer.add_embedding_length(config["n_embd"])
+        writer.add_feed_forward_length(4 * config["n_embd"])
+        writer.add_block_count(config["n_layer"])
+        writer.add_head_count(config["n_head"])
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_file_type(file_type)
+
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL
+                                for i in range(len(tokens))])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(eot)
+        writer.add_eos_token_id(eot)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+
+        for param_name, tensor in model.state_dict().items():
+            array = tensor.detach().float().cpu().numpy()
+            if array.ndim == 2 and dtype == "F16":
+                array = array.astype(np.float16)
+            writer.add_tensor(gguf_tensor_name(param_name), array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+# ------------------------------------------------------------------------ quantization
+
+# Types that llama.cpp refuses to make without an importance matrix.
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+
+
+def quant_types() -> dict:
+    """Every type llama.cpp's quantizer offers, by its usual name -> llama_ftype value."""
+    import llama_cpp
+    types = {}
+    for attr in dir(llama_cpp):
+        match = re.fullmatch(r"LLAMA_FTYPE_(?:MOSTLY|ALL)_(\w+)", attr)
+        if match and match.group(1) not in NEEDS_IMATRIX:
+            types[match.group(1)] = getattr(llama_cpp, attr)
+    return types
+
+
+def check_quant_type(name: str) -> str:
+    types = quant_types()
+    upper = name.upper()
+    if upper not in types:
+        raise UserError(f"unknown --quant_type {name!r}; valid types: {', '.join(sorted(types))}",
+                        exit_code=2)
+    return upper
+
+
+def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> list:
+    """Quantize a GGUF with llama.cpp's quantizer. Returns llama.cpp's fallback messages
+    (tensors whose rows do not fit the type's block size and were given another type)."""
+    if llama_cpp_path:
+        return _quantize_with_binary(source, destination, quant_type, llama_cpp_path)
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_types()[quant_type]
+    params.nthread = os.cpu_count() or 1
+    with atomic_path(destination) as tmp:
+        mark = llama_log.mark()
+        status = llama_cpp.llama_model_quantize(source.encode(), tmp.encode(), params)
+        messages = llama_log.since(mark)
+        if status != 0:
+            last = [line for line in messages if line.strip()][-1:] or ["no message"]
+            raise UserError(f"llama.cpp could not quantize to {quant_type} (status {status}): {last[0].strip()}")
+    return [line.strip() for line in messages if "fallback" in line.lower()]
+
+
+def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
+    candidates = [os.path.join(llama_cpp_path, *parts) for parts in
+                  (("llama-quantize",), ("build", "bin", "llama-quantize"), ("bin", "llama-quantize"))]
+    binary = next((c for c in candidates if os.access(c, os.X_OK)), None)
+    if binary is None:
+        raise UserError(f"no llama-quantize found in {llama_cpp_path} (looked in "
+                        f"{', '.join(candidates)}); build llama.cpp there or leave out --llama_cpp_path")
+    with atomic_path(destination) as tmp:
+        result = subprocess.run([binary, source, tmp, quant_type], capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+            raise UserError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
+    return [line for line in (result.stdout + result.stderr).splitlines() if "fallback" in line]
+
+
+def tensor_types(path: str) -> dict:
+    """{tensor name: type name} of a GGUF, and its bits per weight over all tensors."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    return types, 8 * n_bytes / max(1, n_weights)
+
+
+def copy_file(source: str, destination: str) -> None:
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(source, tmp)

@@ -1,0 +1,201 @@
+"""Running a GGUF of ours through llama.cpp (llama-cpp-python): safe loading, tokenization,
+logits, and generation that follows the project's context rule (see llm_model.py)."""
+
+import collections
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+import numpy as np
+
+from custom_llm.cli import UserError
+from llm_model import fit_prompt, slide
+
+GGUF_MAGIC = b"GGUF"
+_load_lock = threading.Lock()
+
+
+class LlamaLog:
+    """llama.cpp's log, kept in memory instead of printed: shown only when something fails
+    (or with LLAMA_LOG=1), so loading a model does not scroll pages of details past the user."""
+
+    def __init__(self):
+        self.lines = collections.deque(maxlen=5000)
+        self.count = 0
+        self._callback = None
+
+    def install(self):
+        if self._callback is not None:
+            return
+        import llama_cpp
+        import llama_cpp._logger  # noqa: F401  (it installs its own callback on import; ours replaces it)
+        echo = os.environ.get("LLAMA_LOG") == "1"
+
+        @llama_cpp.llama_log_callback
+        def collect(level, text, user_data):
+            line = text.decode("utf-8", "replace")
+            self.lines.append(line)
+            self.count += 1
+            if echo:
+                sys.stderr.write(line)
+
+        self._callback = collect  # ctypes must not free the callback while llama.cpp holds it
+        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+
+    def mark(self) -> int:
+        self.install()
+        return self.count
+
+    def since(self, mark: int) -> list:
+        new = self.count - mark
+        return list(self.lines)[-new:] if new > 0 else []
+
+
+llama_log = LlamaLog()
+
+
+def check_gguf(path: str) -> None:
+    """A one-line error unless path is a GGUF that this project wrote (gpt2 + gpt2 tokenizer)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python convert_to_gguf.py` first, or pass --gguf_path", 2)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: pass the path of a .gguf file", 2)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')", 2)
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: _field_value(field) for name, field in reader.fields.items()
+                  if name in ("general.architecture", "tokenizer.ggml.model")}
+    except Exception as err:
+        raise UserError(f"{path} is a damaged or truncated GGUF ({type(err).__name__}): "
+                        "convert the model again with `python convert_to_gguf.py`") from None
+    if fields.get("general.architecture") != "gpt2" or fields.get("tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"{path} is a GGUF of another kind (architecture "
+                        f"{fields.get('general.architecture')!r}); this tool runs the gpt2 GGUFs it writes")
+
+
+def _field_value(field):
+    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _no_weight_repacking():
+    """llama.cpp's extra buffer types repack quantized weights for AMX (some Intel CPUs), and
+    that path crashes on our models (a segfault in the first decode). llama-cpp-python's Llama
+    does not expose the `use_extra_bufts` model parameter, so default it to off while loading."""
+    from llama_cpp import llama_cpp  # the module Llama reads its defaults from
+    original = llama_cpp.llama_model_default_params
+
+    def params_without_extra_bufts():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _load_lock:
+        llama_cpp.llama_model_default_params = params_without_extra_bufts
+        try:
+            yield
+        finally:
+            llama_cpp.llama_model_default_params = original
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+class GGUFModel:
+    """A GGUF loaded in llama.cpp, with the same tokenizer and context rule as the PyTorch model."""
+
+    def __init__(self, path: str, use_gpu: bool = False, logits_all: bool = False, n_threads=None):
+        check_gguf(path)
+        from llama_cpp import Llama
+        self.path = path
+        mark = llama_log.mark()
+        with _no_weight_repacking():
+            try:
+                self.llm = Llama(model_path=path, n_ctx=0, n_batch=512, logits_all=logits_all,
+                                 n_gpu_layers=-1 if use_gpu else 0, verbose=False,
+                                 n_threads=n_threads or os.cpu_count(), n_threads_batch=os.cpu_count())
+            except Exception:
+                said = [line.strip() for line in llama_log.since(mark) if line.strip()]
+                raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
+                                "convert the model again with `python convert_to_gguf.py`") from None
+        self.block_size = self.llm._model.n_ctx_train()
+        if self.llm.n_ctx() < self.block_size:
+            raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
+        self.end_of_text = self.llm.token_eos()
+        self.n_vocab = self.llm.n_vocab()
+
+    # Text <-> tokens. special=True: the literal "<|endoftext|>" is the end-of-text token,
+    # as in the Python tokenizer.
+    def tokenize(self, text: str) -> list:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.llm.detokenize([token], special=True)
+
+    def detokenize(self, tokens) -> str:
+        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", "replace")
+
+    # Logits.
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
+
+    def logits(self, tokens) -> np.ndarray:
+        """(len(tokens), vocab) logits for a window of at most block_size tokens; needs logits_all."""
+        if len(tokens) > self.block_size:
+            raise ValueError(f"{len(tokens)} tokens exceed the context of {self.block_size}")
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        return np.array(self.llm.scores[:len(tokens)], dtype=np.float32)
+
+    def generate(self, prompt_tokens, max_new_tokens: int, pick_next):
+        """Yield new tokens one by one. pick_next(logits) -> token. Stops at <|endoftext|>.
+        An empty prompt starts from <|endoftext|>, as GPT-2 does."""
+        window = fit_prompt(prompt_tokens or [self.end_of_text], self.block_size)
+        self.llm.reset()
+        self.llm.eval(window)
+        for produced in range(max_new_tokens):
+            token = int(pick_next(self._last_logits()))
+            yield token
+            if token == self.end_of_text or produced == max_new_tokens - 1:
+                return
+            grown = slide(window + [token], self.block_size)
+            if len(grown) == len(window) + 1:
+                self.llm.eval([token])          # room left: one more position
+            else:
+                self.llm.reset()                # window full: re-read the kept half
+                self.llm.eval(grown)
+            window = grown
+
+
+class Sampler:
+    """temperature (0 = greedy), top-k, top-p, with its own seeded random generator."""
+
+    def __init__(self, temperature=0.8, top_k=None, top_p=None, seed=None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / self.temperature
+        if self.top_k:
+            kth = np.partition(scaled, -min(self.top_k, len(scaled)))[-min(self.top_k, len(scaled))]
+            scaled[scaled < kth] = -np.inf
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if self.top_p is not None and self.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            cut = int(np.searchsorted(cumulative, self.top_p)) + 1  # smallest set reaching top_p
+            keep = np.zeros_like(probs)
+            keep[order[:cut]] = probs[order[:cut]]
+            probs = keep / keep.sum()
+        return int(self.rng.choice(len(probs), p=probs))

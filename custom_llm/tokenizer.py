@@ -1,0 +1,166 @@
+"""The character-level tokenizer, in a shape llama.cpp runs id for id.
+
+llama.cpp's `gpt2` tokenizer is byte-level BPE, so the character tokenizer is built as one:
+  * all 256 byte symbols are in the vocabulary, so text never seen in training (emoji, CJK,
+    control bytes) still encodes, as byte tokens, and decodes back to the same text;
+  * every character seen in training is one token: multi-byte characters are built from their
+    bytes by merges that can only fire inside a character (a UTF-8 lead byte followed by its
+    continuation bytes), so no merge ever crosses a character boundary;
+  * one special token, <|endoftext|>, ends text; no ordinary character does.
+The same vocabulary and merges drive Hugging Face `tokenizers` (training, HF export) and the
+GGUF (llama.cpp), so both tokenize identically.
+"""
+
+import json
+import os
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+END_OF_TEXT = "<|endoftext|>"
+
+# Strings on which Python and llama.cpp must agree id for id; convert_to_gguf.py checks them.
+HARD_STRINGS = [
+    "",
+    " ",
+    "   leading and trailing spaces   ",
+    "\n\n\n",
+    "line one\r\nline two\r\n",
+    "\ttabs\tand\t\tmore\t",
+    "Hello, World! 123 4567 3.14159",
+    "don't won't it's I'm you're",
+    "naïve café résumé Zürich",
+    "e\u0301 a\u0308 combining marks\u0336",
+    "日本語のテキストと中文文本",
+    "한국어 텍스트",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "Привет, мир",
+    "😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈",
+    "🇫🇷🇯🇵🇺🇸",
+    "\x00\x01\x02\x1b[31m bell\x07",
+    "<|endoftext|>",
+    "text <|endoftext|> more <|endoftext",
+    "<s></s>[INST]<unk>",
+    "a" * 300,
+    " " * 50 + "x",
+    "\u200b\u200d\ufeff zero width",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙",
+]
+
+
+def bytes_to_symbols() -> list:
+    """GPT-2's map from each byte to a printable character (the byte-level alphabet):
+    printable Latin-1 bytes stand for themselves, the others are moved to U+0100 onwards."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
+        | set(range(ord("®"), ord("ÿ") + 1))
+    symbols, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+BYTE_SYMBOLS = bytes_to_symbols()
+
+
+def _symbol(data: bytes) -> str:
+    return "".join(BYTE_SYMBOLS[b] for b in data)
+
+
+def build_char_tokenizer(characters) -> Tokenizer:
+    """A tokenizer with one token per given character, plus byte fallback and <|endoftext|>.
+
+    Ids: the characters first (in code-point order), then the remaining byte tokens, then the
+    partial characters that merges pass through, then <|endoftext|>."""
+    characters = sorted(set(characters) - {""})
+    vocab, merges = {}, []
+
+    def add(symbol):
+        if symbol not in vocab:
+            vocab[symbol] = len(vocab)
+
+    for ch in characters:
+        add(_symbol(ch.encode("utf-8")))
+    for symbol in BYTE_SYMBOLS:
+        add(symbol)
+    for ch in characters:
+        data = ch.encode("utf-8")
+        for end in range(2, len(data) + 1):
+            pair = (_symbol(data[:end - 1]), _symbol(data[end - 1:end]))
+            if pair not in merges:
+                merges.append(pair)
+            add(pair[0] + pair[1])
+    # llama.cpp requires at least one merge and an all-ASCII text has none: add one that can
+    # never fire, joining two bytes that never occur in UTF-8 (0xF8, 0xF9).
+    unused = (BYTE_SYMBOLS[0xF8], BYTE_SYMBOLS[0xF9])
+    merges.append(unused)
+    add(unused[0] + unused[1])
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    return tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    from custom_llm.cli import UserError
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python train_llm.py` first, it writes the tokenizer")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable tokenizer ({str(err).splitlines()[0][:120]}): "
+                        "retrain with `python train_llm.py`") from None
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
+    from custom_llm.cli import atomic_path
+    with atomic_path(path) as tmp:
+        tokenizer.save(tmp)
+
+
+def vocab_and_merges(tokenizer: Tokenizer):
+    """(tokens in id order, merges as 'left right' strings, id of <|endoftext|>)."""
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    return tokens, merges, vocab[END_OF_TEXT]
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def decode(tokenizer: Tokenizer, ids) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def encode_to_array(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """Encode a whole text into a compact array (uint16 where the vocabulary fits).
+
+    Fast path: when every character of the text is a single token (always true for the text
+    the tokenizer was built from), map code points through a lookup table; otherwise fall back
+    to the full tokenizer, one line-sized chunk at a time."""
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
+    codepoints = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    unique = np.unique(codepoints)
+    ids_of_unique = np.array([vocab.get(_symbol(chr(c).encode("utf-8", "surrogatepass")), -1)
+                              for c in unique.tolist()], dtype=np.int64)
+    if END_OF_TEXT not in text and (ids_of_unique >= 0).all():
+        return ids_of_unique[np.searchsorted(unique, codepoints)].astype(dtype)
+    chunks, start, step = [], 0, 1 << 20
+    while start < len(text):
+        end = text.find("\n", start + step)
+        end = len(text) if end == -1 else end + 1
+        chunks.append(np.array(encode(tokenizer, text[start:end]), dtype=dtype))
+        start = end
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)

@@ -1,0 +1,263 @@
+"""Stage 1: choose the shape of your GPT and save it to model_config.pth.
+
+    python llm_model.py                 # answer the questions
+    python llm_model.py --n_layer 4 -y  # flags for some, defaults for the rest
+
+The model itself lives here too. Its graph is exactly GPT-2's (learned positions, pre-LayerNorm
+blocks with biases, fused QKV, GELU with the tanh approximation, an output head without bias), so
+the Hugging Face and GGUF exports are exact copies of it rather than approximations.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask,
+                            atomic_path, fraction, positive_int, run)
+
+CONFIG_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout")
+LAYER_NORM_EPS = 1e-5  # torch's default, and GPT-2's layer_norm_epsilon
+
+
+# ------------------------------------------------------------------------- context rule
+# One rule for the whole project: the model never sees more than block_size tokens.
+# A prompt longer than that keeps its last block_size tokens. When generation fills the
+# window, the older half is dropped at once (as llama.cpp's context shift does), so the
+# window is re-read once every block_size // 2 tokens instead of for every new token.
+# generate() below and inference_gguf.py both call this, so their greedy texts are equal.
+
+def tokens_kept_on_shift(block_size: int) -> int:
+    return max(1, block_size // 2)
+
+
+def fit_prompt(tokens: list, block_size: int) -> list:
+    """The window a prompt starts with."""
+    return list(tokens[-block_size:])
+
+
+def slide(window: list, block_size: int) -> list:
+    """The window after a new token was appended to it."""
+    if len(window) <= block_size:
+        return window
+    return window[-tokens_kept_on_shift(block_size):]
+
+
+# ------------------------------------------------------------------------------- model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config["n_head"]
+        self.dropout = config["dropout"]
+        self.c_attn = nn.Linear(config["n_embd"], 3 * config["n_embd"])  # fused q, k, v
+        self.c_proj = nn.Linear(config["n_embd"], config["n_embd"])
+        self.resid_dropout = nn.Dropout(config["dropout"])
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config["n_embd"], 4 * config["n_embd"])
+        self.c_proj = nn.Linear(4 * config["n_embd"], config["n_embd"])
+        self.dropout = nn.Dropout(config["dropout"])
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTLanguageModel(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        missing = [k for k in CONFIG_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}")
+        if config["n_embd"] % config["n_head"]:
+            raise ValueError(f"n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")
+        self.config = dict(config)
+        self.block_size = config["block_size"]
+        self.wte = nn.Embedding(config["vocab_size"], config["n_embd"])
+        self.wpe = nn.Embedding(config["block_size"], config["n_embd"])
+        self.drop = nn.Dropout(config["dropout"])
+        self.h = nn.ModuleList(Block(config) for _ in range(config["n_layer"]))
+        self.ln_f = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.lm_head = nn.Linear(config["n_embd"], config["vocab_size"], bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for the projections that feed the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config["n_layer"]))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue each sequence in idx (B, T) by max_new_tokens tokens, following the
+        context rule above. temperature 0 is greedy."""
+        was_training = self.training
+        self.eval()
+        out = idx
+        windows = [fit_prompt(row.tolist(), self.block_size) for row in idx]
+        for _ in range(max_new_tokens):
+            # Windows of one batch always have equal lengths, as they slide in step.
+            window = torch.tensor(windows, dtype=torch.long, device=idx.device)
+            logits = self(window)[0][:, -1, :].float()
+            next_token = sample_next(logits, temperature, top_k)
+            out = torch.cat((out, next_token), dim=1)
+            windows = [slide(w + [t], self.block_size) for w, t in zip(windows, next_token[:, 0].tolist())]
+        self.train(was_training)
+        return out
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """(B, vocab) logits -> (B, 1) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+# ----------------------------------------------------------------------- saved files
+
+def load_config(path="model_config.pth") -> dict:
+    """model_config.pth as a dict, with a one-line error for every way it can be wrong."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python llm_model.py` first to create it")
+    try:
+        config = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # pickle refusals and truncations come in many types
+        raise UserError(f"{path} is not a readable model config ({type(err).__name__}): "
+                        "recreate it with `python llm_model.py`") from None
+    if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
+        raise UserError(f"{path} is not a model config (expected keys {', '.join(CONFIG_KEYS)}): "
+                        "recreate it with `python llm_model.py`")
+    return config
+
+
+def load_trained_model(model_path: str, config: dict) -> GPTLanguageModel:
+    """The trained model in eval mode, or a one-line error naming what does not fit."""
+    if not os.path.exists(model_path):
+        raise UserError(f"{model_path} not found: run `python train_llm.py` first to train a model")
+    try:
+        state = torch.load(model_path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        reason = "it holds objects other than weights, refused for safety" \
+            if "weights_only" in str(err) or "Unsupported global" in str(err) else "truncated or damaged"
+        raise UserError(f"{model_path} cannot be loaded ({reason}): retrain with `python train_llm.py`") from None
+    model = GPTLanguageModel(config)
+    expected = model.state_dict()
+    if not isinstance(state, dict):
+        raise UserError(f"{model_path} is not a model state_dict: retrain with `python train_llm.py`")
+    for name, tensor in expected.items():
+        if name not in state:
+            raise UserError(f"{model_path} lacks tensor {name}: it was trained for another model config")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise UserError(f"{model_path} does not match the config: tensor {name} has shape "
+                            f"{tuple(state[name].shape)}, the config needs {tuple(tensor.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise UserError(f"{model_path} has tensors this model does not ({', '.join(unexpected[:3])}): "
+                        "it was trained for another model config")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_config(config: dict, path="model_config.pth") -> None:
+    with atomic_path(path) as tmp:
+        torch.save(dict(config), tmp)
+
+
+def count_parameters(config: dict) -> int:
+    """Without building the model: embeddings, blocks, final norm, head."""
+    V, C, L, T = config["vocab_size"], config["n_embd"], config["n_layer"], config["block_size"]
+    per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * per_block + 2 * C + C * V
+
+
+# ------------------------------------------------------------------------------ script
+
+def questions():
+    def divides_n_embd(n_head, answers):
+        n_embd = answers["n_embd"]
+        if n_embd % n_head:
+            return f"n_embd {n_embd} is not divisible by n_head {n_head}; pick a divisor such as " \
+                   + ", ".join(str(d) for d in (1, 2, 4, 8, 16) if n_embd % d == 0)
+        return None
+
+    return [
+        Question("vocab_size", "Vocabulary size (train_llm.py sets the real one)", 10000, positive_int),
+        Question("n_embd", "Embedding size (n_embd)", 256, positive_int),
+        Question("n_head", "Number of attention heads (n_head)", 8, positive_int, divides_n_embd),
+        Question("n_layer", "Number of layers (n_layer)", 6, positive_int),
+        Question("block_size", "Context length in tokens (block_size)", 128, positive_int),
+        Question("dropout", "Dropout", 0.1, fraction),
+    ]
+
+
+def main():
+    parser = ArgumentParser(description="Choose the shape of your GPT and save it.")
+    qs = questions()
+    add_question_flags(parser, qs)
+    parser.add_argument("--output", default="model_config.pth", help="where to save the config")
+    args = parser.parse_args()
+
+    config = ask("Configure your LLM model:", qs, args)
+    config["tokenizer"] = "char"
+    save_config(config, args.output)
+    print(f"Model with {count_parameters(config) / 1e6:.2f}M parameters "
+          f"(at vocab_size {config['vocab_size']}) saved to {args.output}")
+
+
+if __name__ == "__main__":
+    run(main)
