@@ -116,6 +116,7 @@ class GGUFModel:
         check_gguf(path)
         from llama_cpp import Llama
         self.path = path
+        self.on_gpu = use_gpu
         mark = llama_log.mark()
         with _no_weight_repacking():
             try:
