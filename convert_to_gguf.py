@@ -116,8 +116,9 @@ def main():
     print(f"Wrote {quantized} ({quant_type}; tensor types: "
           + ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")")
     if fallbacks:
-        print(f"note: {len(fallbacks)} tensor(s) do not fit {quant_type}'s block size and were given "
-              f"another type by llama.cpp (n_embd {config['n_embd']}; a multiple of 256 avoids this)")
+        print(f"note: {fallbacks} of {len(types)} tensors have rows that do not divide into {quant_type}'s "
+              f"blocks, so llama.cpp gave them another type (n_embd {config['n_embd']}; "
+              "a multiple of 256 avoids this)")
     print(f"Export took {time.time() - started:.1f}s")
 
     # Check what was written against the PyTorch model.

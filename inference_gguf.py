@@ -9,8 +9,8 @@ The prompt is printed, then the continuation as it is generated, then one resour
 
 import codecs
 import os
+import resource
 import sys
-import threading
 import time
 
 import psutil
@@ -19,37 +19,24 @@ from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
 from custom_llm.runtime import GGUFModel, Sampler, gpu_offload_supported
 
 
-class ResourceMonitor:
-    """Samples this process's CPU and memory while generation runs (not once afterwards)."""
-
-    def __init__(self, interval=0.05):
-        self.process = psutil.Process()
-        self.interval = interval
+class ResourceUse:
+    """CPU and memory used while generating: CPU time over wall time of the generation itself
+    (100% = one core busy), and the process's peak resident memory (the kernel's high-water mark)."""
 
     def __enter__(self):
-        self.peak_rss = self.process.memory_info().rss
-        self.cpu_samples = []
-        self._stop = threading.Event()
-        self.process.cpu_percent(None)
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self.process = psutil.Process()
+        self.started, self.cpu_started = time.perf_counter(), self._cpu_seconds()
         return self
 
-    def _sample(self):
-        while not self._stop.wait(self.interval):
-            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-            self.cpu_samples.append(self.process.cpu_percent(None))
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
-        self.cpu_samples.append(self.process.cpu_percent(None))
+        self.elapsed = time.perf_counter() - self.started
+        self.cpu_percent = 100 * (self._cpu_seconds() - self.cpu_started) / max(self.elapsed, 1e-9)
+        self.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         return False
 
-    @property
-    def cpu_percent(self):
-        return sum(self.cpu_samples) / len(self.cpu_samples) if self.cpu_samples else 0.0
+    def _cpu_seconds(self):
+        times = self.process.cpu_times()
+        return times.user + times.system
 
 
 def generate_and_print(model: GGUFModel, prompt: str, args, sampler: Sampler) -> None:
@@ -61,8 +48,7 @@ def generate_and_print(model: GGUFModel, prompt: str, args, sampler: Sampler) ->
     sys.stdout.flush()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a character
     produced = 0
-    started = time.perf_counter()
-    with ResourceMonitor() as monitor:
+    with ResourceUse() as use:
         for token in model.generate(prompt_tokens, args.max_tokens, sampler):
             if token == model.end_of_text:
                 break
@@ -70,9 +56,8 @@ def generate_and_print(model: GGUFModel, prompt: str, args, sampler: Sampler) ->
             sys.stdout.write(decoder.decode(model.token_bytes(token)))
             sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    elapsed = time.perf_counter() - started
-    line = (f"[{produced} tokens in {elapsed:.2f}s, {produced / max(elapsed, 1e-9):.0f} tokens/s, "
-            f"CPU {monitor.cpu_percent:.0f}%, peak RSS {human_bytes(monitor.peak_rss)}")
+    line = (f"[{produced} tokens in {use.elapsed:.2f}s, {produced / max(use.elapsed, 1e-9):.0f} tokens/s, "
+            f"CPU {use.cpu_percent:.0f}%, peak RSS {human_bytes(use.peak_rss)}")
     if args.use_gpu and model.on_gpu:
         line += ", GPU: all layers offloaded"
     print(line + "]", file=sys.stderr)

@@ -9,6 +9,7 @@ vocab_size, and saves trained_model.pth: the weights from the step with the best
 
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -18,14 +19,16 @@ from tqdm import tqdm
 from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask,
                             atomic_path, existing_file, positive_float, positive_int, run)
 from custom_llm.data import get_batch, read_text, split
+from custom_llm.default_text import build_default_text
 from custom_llm.tokenizer import build_char_tokenizer, encode_to_array, save_tokenizer
 from llm_model import GPTLanguageModel, load_config, save_config
 
+DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
     Question("batch_size", "Batch size", 32, positive_int),
     Question("learning_rate", "Learning rate", 0.0003, positive_float),
     Question("max_epochs", "Number of epochs", 5, positive_int),
-    Question("dataset_path", "Path to your text file", "input.txt", existing_file),
+    Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),
 ]
 
 
@@ -93,13 +96,17 @@ def main():
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
+    if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
+        n_chars = build_default_text(DEFAULT_TEXT)
+        print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
+              "own documentation. Give --dataset_path to train on your text.")
     text = read_text(plan["dataset_path"], args.encoding)
 
     # Tokenizer: one token per distinct character, saved beside the config.
     tokenizer = build_char_tokenizer(set(text))
     tokens = encode_to_array(tokenizer, text)
     block_size = config["block_size"]
-    train_tokens, val_tokens = split(tokens, block_size)
+    train_tokens, val_tokens = split(tokens, block_size, plan["dataset_path"])
     save_tokenizer(tokenizer, args.tokenizer_path)
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["dataset_path"] = os.path.abspath(plan["dataset_path"])
@@ -135,7 +142,8 @@ def main():
     for epoch in range(n_epochs):
         steps_this_epoch = min(steps_per_epoch, total_steps - step)
         progress = tqdm(range(steps_this_epoch), desc=f"Epoch {epoch + 1}/{n_epochs}",
-                        unit="step", dynamic_ncols=True, leave=False)
+                        unit="step", dynamic_ncols=True, leave=False,
+                        disable=not sys.stderr.isatty())
         epoch_loss = 0.0
         for i in progress:
             lr = learning_rate_at(step, total_steps, plan["learning_rate"], warmup_steps)

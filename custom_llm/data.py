@@ -34,13 +34,13 @@ def read_text(path: str, encoding: str = "utf-8") -> str:
         raise UserError(f"unknown --encoding {encoding!r}", 2) from None
 
 
-def split(tokens: np.ndarray, block_size: int):
+def split(tokens: np.ndarray, block_size: int, source: str = "the text"):
     """(train, val) token arrays: the last 10% is validation. Each must hold one window."""
     n_val = int(len(tokens) * VALIDATION_FRACTION)
     train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
     for name, part in (("training", train), ("validation", val)):
         if len(part) < block_size + 1:
-            raise UserError(f"the text is too short: its {name} part has {len(part)} tokens, fewer than "
+            raise UserError(f"{source} is too short: its {name} part has {len(part)} tokens, fewer than "
                             f"block_size + 1 = {block_size + 1}; use a longer text (about "
                             f"{(block_size + 1) * 10} characters at least) or a smaller block_size")
     return train, val

@@ -7,7 +7,6 @@ checkout) and quantized with llama.cpp's own quantizer through llama-cpp-python.
 
 import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -120,8 +119,10 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "cus
 
 # ------------------------------------------------------------------------ quantization
 
-# Types that llama.cpp refuses to make without an importance matrix.
-NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
+# Types left out: llama.cpp refuses to make these without an importance matrix, or its
+# quantizer (llama-cpp-python 0.3.36) fails on them, or the gguf reader cannot read the result.
+UNSUPPORTED = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S",
+               "NVFP4", "Q1_0", "Q2_0", "GUIDED"}
 
 
 def quant_types() -> dict:
@@ -130,7 +131,7 @@ def quant_types() -> dict:
     types = {}
     for attr in dir(llama_cpp):
         match = re.fullmatch(r"LLAMA_FTYPE_(?:MOSTLY|ALL)_(\w+)", attr)
-        if match and match.group(1) not in NEEDS_IMATRIX:
+        if match and match.group(1) not in UNSUPPORTED:
             types[match.group(1)] = getattr(llama_cpp, attr)
     return types
 
@@ -144,9 +145,9 @@ def check_quant_type(name: str) -> str:
     return upper
 
 
-def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> list:
-    """Quantize a GGUF with llama.cpp's quantizer. Returns llama.cpp's fallback messages
-    (tensors whose rows do not fit the type's block size and were given another type)."""
+def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> int:
+    """Quantize a GGUF with llama.cpp's quantizer. Returns how many tensors llama.cpp had to give
+    another type because their rows do not divide into the type's blocks (32 or 256 values)."""
     if llama_cpp_path:
         return _quantize_with_binary(source, destination, quant_type, llama_cpp_path)
     import llama_cpp
@@ -160,7 +161,15 @@ def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str
         if status != 0:
             last = [line for line in messages if line.strip()][-1:] or ["no message"]
             raise UserError(f"llama.cpp could not quantize to {quant_type} (status {status}): {last[0].strip()}")
-    return [line.strip() for line in messages if "fallback" in line.lower()]
+    return count_fallbacks(messages)
+
+
+def count_fallbacks(log_lines) -> int:
+    for line in log_lines:
+        match = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", line)
+        if match:
+            return int(match.group(1))
+    return 0
 
 
 def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
@@ -175,7 +184,7 @@ def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
             raise UserError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
-    return [line for line in (result.stdout + result.stderr).splitlines() if "fallback" in line]
+    return count_fallbacks((result.stdout + result.stderr).splitlines())
 
 
 def tensor_types(path: str) -> dict:
@@ -186,8 +195,3 @@ def tensor_types(path: str) -> dict:
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_weights = sum(int(t.n_elements) for t in reader.tensors)
     return types, 8 * n_bytes / max(1, n_weights)
-
-
-def copy_file(source: str, destination: str) -> None:
-    with atomic_path(destination) as tmp:
-        shutil.copyfile(source, tmp)

@@ -1,0 +1,118 @@
+"""Shared fixtures: the scripts are run through their real command lines, in temporary folders."""
+
+import os
+import pty
+import random
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# A tiny model shape that trains in seconds on 2 cores.
+TINY = ["--n_embd", "64", "--n_head", "4", "--n_layer", "2", "--block_size", "32", "--dropout", "0"]
+
+
+def run_script(script, *args, cwd, input=None, timeout=600, env=None):
+    """Run one of the four scripts as a user would; stdin is the given text or nothing."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+                          input=input if input is not None else "", capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line_error(result, exit_code=None):
+    """Assert the run failed with exactly one clean line on stderr; return that line."""
+    assert result.returncode != 0, result.stdout
+    if exit_code is not None:
+        assert result.returncode == exit_code, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def make_text(n_sentences=1500, seed=0):
+    """A small made-up corpus with some structure to learn, plus non-ASCII characters so that
+    the tokenizer has multi-byte characters (and merges) to handle."""
+    rng = random.Random(seed)
+    subjects = ["the miller", "a sailor", "our neighbour", "the old clock", "my sister", "the café owner"]
+    verbs = ["mends", "watches", "carries", "forgets", "paints", "counts"]
+    objects = ["the boats", "seven apples", "a blue kite", "the letters", "every window", "naïve maps"]
+    endings = [".", "!", "?", " — again.", " 🙂.", " (日本)."]
+    lines = []
+    for i in range(n_sentences):
+        line = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}{rng.choice(endings)}"
+        lines.append(line[0].upper() + line[1:])
+        if i % 7 == 6:
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "story.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, text_file):
+    """A folder where the whole pipeline ran once: config, tokenizer, trained model, exports."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    results = {}
+    results["config"] = run_script("llm_model.py", *TINY, "-y", cwd=folder)
+    results["train"] = run_script("train_llm.py", "--dataset_path", text_file, "--max_steps", "300",
+                                  "--learning_rate", "0.003", "--batch_size", "32", "-y", cwd=folder)
+    results["convert"] = run_script("convert_to_gguf.py", cwd=folder)
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
+    return folder, results
+
+
+class Terminal:
+    """A script running in a pseudo-terminal, driven as a person would type."""
+
+    def __init__(self, script, *args, cwd):
+        pid, fd = pty.fork()
+        if pid == 0:  # child
+            os.chdir(cwd)
+            os.execv(sys.executable, [sys.executable, str(REPO / script), *map(str, args)])
+        self.pid, self.fd, self.output = pid, fd, ""
+
+    def read_until(self, text, timeout=60):
+        deadline = time.time() + timeout
+        while text not in self.output:
+            if time.time() > deadline:
+                raise AssertionError(f"did not see {text!r} in:\n{self.output}")
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    self.output += os.read(self.fd, 4096).decode("utf-8", "replace")
+                except OSError:
+                    break
+        return self.output
+
+    def send(self, text):
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    chunk = b""
+                self.output += chunk.decode("utf-8", "replace")
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, 9)
+        raise AssertionError(f"still running after {timeout}s:\n{self.output}")
