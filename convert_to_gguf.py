@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
-from custom_llm.data import VALIDATION_FRACTION, read_text
+from custom_llm.data import prepare_dataset
 from custom_llm.export import (check_quant_type, export_hf, quantize, tensor_types, write_gguf)
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
@@ -26,12 +26,12 @@ from llm_model import load_config, load_trained_model
 TOLERANCE = {"F32": 2e-3, "F16": 1e-2}
 
 
-def held_out_windows(text: str, tokenizer, block_size: int, count: int = 4) -> list:
-    """Up to `count` windows of block_size tokens from the held-out last 10% of the text."""
-    held_out = text[int(len(text) * (1 - VALIDATION_FRACTION)):]
-    tokens = encode(tokenizer, held_out)
-    windows = [tokens[i:i + block_size] for i in range(0, len(tokens) - block_size + 1, block_size)]
-    return windows[:count] or ([tokens] if tokens else [])
+def held_out_windows(text_path: str, tokenizer, block_size: int, count: int = 4) -> list:
+    """Up to `count` windows of block_size tokens from the held-out last 10% of the text: the
+    same validation tokens training used."""
+    tokens = prepare_dataset(text_path, tokenizer=tokenizer).val
+    windows = [tokens[i:i + block_size].tolist() for i in range(0, len(tokens) - block_size + 1, block_size)]
+    return windows[:count] or ([tokens.tolist()] if len(tokens) else [])
 
 
 def check_gguf_file(path, model, tokenizer, windows):
@@ -88,7 +88,7 @@ def main():
     model = load_trained_model(args.model_path, config)
     eval_path = args.eval_text or config.get("dataset_path")
     if eval_path and os.path.exists(eval_path):
-        windows = held_out_windows(read_text(eval_path), tokenizer, config["block_size"])
+        windows = held_out_windows(eval_path, tokenizer, config["block_size"])
     else:
         print("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]

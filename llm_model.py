@@ -225,6 +225,26 @@ def count_parameters(config: dict) -> int:
     return V * C + T * C + L * per_block + 2 * C + C * V
 
 
+def training_memory_bytes(config: dict, batch_size: int) -> int:
+    """A rough upper estimate of training memory: float32 weights, gradients and two AdamW
+    moments (16 bytes per parameter), plus activations kept for the backward pass."""
+    B, T, C, L = batch_size, config["block_size"], config["n_embd"], config["n_layer"]
+    activations = 4 * B * T * (L * (20 * C + 2 * config["n_head"] * T) + 3 * config["vocab_size"])
+    return 16 * count_parameters(config) + activations
+
+
+def check_memory(config: dict, batch_size: int = 32) -> None:
+    """Refuse, before allocating anything, a model that cannot fit in this machine's memory."""
+    import psutil
+    needed = training_memory_bytes(config, batch_size)
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise UserError(f"this model needs about {needed / 2**30:.1f} GiB to train at batch size {batch_size} "
+                        f"({count_parameters(config) / 1e6:,.0f}M parameters) but only "
+                        f"{available / 2**30:.1f} GiB is free: choose fewer layers, a smaller n_embd or "
+                        "block_size, or a smaller batch", 2)
+
+
 # ------------------------------------------------------------------------------ script
 
 def questions():
@@ -254,6 +274,7 @@ def main():
 
     config = ask("Configure your LLM model:", qs, args)
     config["tokenizer"] = "char"
+    check_memory(config)
     save_config(config, args.output)
     print(f"Model with {count_parameters(config) / 1e6:.2f}M parameters "
           f"(at vocab_size {config['vocab_size']}) saved to {args.output}")

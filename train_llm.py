@@ -1,14 +1,19 @@
 """Stage 2: build a tokenizer from your text and train the GPT on it.
 
-    python train_llm.py                                  # answer the questions
+    python train_llm.py                                   # answer the questions
     python train_llm.py --dataset_path my.txt --max_steps 200 -y
+    python train_llm.py --resume                          # continue an interrupted run
+    python train_llm.py --init_from trained_model.pth --dataset_path more.txt   # train further
 
 Reads model_config.pth (from llm_model.py), writes tokenizer.json, updates the config's
-vocab_size, and saves trained_model.pth: the weights from the step with the best validation loss.
+vocab_size, and saves trained_model.pth: the weights from the evaluation with the best validation
+loss. A resumable checkpoint is saved every few hundred steps, every few minutes and on Ctrl-C.
 """
 
+import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -16,12 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask,
-                            atomic_path, existing_file, positive_float, positive_int, run)
-from custom_llm.data import get_batch, read_text, split
+from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask, atomic_path,
+                            existing_file, positive_float, positive_int, run)
+from custom_llm.data import check_split, get_batch, prepare_dataset, tokenizer_hash
 from custom_llm.default_text import build_default_text
-from custom_llm.tokenizer import build_char_tokenizer, encode_to_array, save_tokenizer
-from llm_model import GPTLanguageModel, load_config, save_config
+from custom_llm.tokenizer import load_tokenizer, save_tokenizer
+from llm_model import (CONFIG_KEYS, GPTLanguageModel, check_memory, load_config, load_trained_model,
+                       save_config)
 
 DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
@@ -32,12 +38,54 @@ QUESTIONS = [
 ]
 
 
-def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
+def parse_args():
+    parser = ArgumentParser(description="Train your GPT on a text file.")
+    add_question_flags(parser, QUESTIONS)
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (quick trials)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--config_path", default="model_config.pth")
+    parser.add_argument("--output", default="trained_model.pth", help="where to save the best weights")
+    parser.add_argument("--tokenizer_path", default="tokenizer.json")
+    parser.add_argument("--encoding", default="utf-8", help="the text file's encoding")
+    parser.add_argument("--eval_interval", type=int, default=250,
+                        help="steps between validation runs (default 250; also at the end of every epoch)")
+    parser.add_argument("--eval_batches", type=int, default=20, help="batches per validation run")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of the steps, at most 200")
+    parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="the schedule decays to lr × this")
+    parser.add_argument("--weight_decay", type=float, default=0.1)
+    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="autocast type; auto: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                        help="torch.compile; auto: on CUDA only")
+    parser.add_argument("--checkpoint_path", default="checkpoint.pth", help="resumable training state")
+    parser.add_argument("--checkpoint_interval", type=int, default=500, help="save a checkpoint every N steps")
+    parser.add_argument("--checkpoint_minutes", type=float, default=5.0,
+                        help="and whenever this many minutes passed since the last one")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
+    parser.add_argument("--init_from", default=None,
+                        help="start from these trained weights (with tokenizer.json), on a new text")
+    parser.add_argument("--metrics_path", default="training_log.jsonl", help="one JSON line per evaluation")
+    parser.add_argument("--plot_path", default="loss_curve.png", help="loss curve written at the end")
+    args = parser.parse_args()
+    for name in ("max_steps", "eval_interval", "eval_batches", "checkpoint_interval"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name}: {value} must be a positive whole number", 2)
+    if args.resume and args.init_from:
+        raise UserError("--resume and --init_from exclude each other: resume continues a run, "
+                        "init_from starts a new one from trained weights", 2)
+    return args
+
+
+def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int,
+                     min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio × the peak."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float, device: str):
@@ -50,7 +98,7 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, device: str
 
 @torch.no_grad()
 def estimate_loss(model, tokens, batch_size, block_size, batches, device, autocast):
-    """Mean loss over a fixed set of windows, so evaluations are comparable step to step."""
+    """Mean loss over the same windows every time, so evaluations are comparable step to step."""
     model.eval()
     generator = np.random.default_rng(1234)
     losses = []
@@ -70,111 +118,234 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def main():
-    parser = ArgumentParser(description="Train your GPT on a text file.")
-    add_question_flags(parser, QUESTIONS)
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (quick trials)")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--config_path", default="model_config.pth")
-    parser.add_argument("--output", default="trained_model.pth", help="where to save the trained weights")
-    parser.add_argument("--tokenizer_path", default="tokenizer.json")
-    parser.add_argument("--encoding", default="utf-8", help="the text file's encoding")
-    parser.add_argument("--eval_interval", type=int, default=None,
-                        help="steps between validation runs (default: 4 per epoch)")
-    parser.add_argument("--eval_batches", type=int, default=20, help="batches per validation run")
-    parser.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of the steps, at most 200")
-    parser.add_argument("--weight_decay", type=float, default=0.1)
-    parser.add_argument("--grad_clip", type=float, default=1.0)
-    args = parser.parse_args()
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max_steps: {args.max_steps} must be a positive whole number", 2)
+class StopRequest:
+    """First Ctrl-C (or SIGTERM): finish the current step, save a checkpoint, exit 130.
+    A second Ctrl-C: stop at once (files are written atomically, so none is left broken)."""
 
-    # Ask, load.
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to quit at once)...",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def save_checkpoint(path, model, optimizer, generator, state):
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "torch_rng": torch.get_rng_state(), "numpy_rng": generator.bit_generator.state, **state}
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} to resume from: start a run without --resume", 2)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:
+        raise UserError(f"{path} cannot be loaded (damaged, or holds objects other than tensors and "
+                        "plain data): start a new run without --resume") from None
+
+
+def check_resume(checkpoint, config, tokenizer, dataset):
+    """A clear error naming what differs between the checkpoint and this run."""
+    for key in CONFIG_KEYS:
+        if checkpoint["config"].get(key) != config.get(key):
+            raise UserError(f"cannot resume: model config differs from the checkpoint's ({key} is "
+                            f"{config.get(key)}, the checkpoint has {checkpoint['config'].get(key)})")
+    if checkpoint["tokenizer_hash"] != tokenizer_hash(tokenizer):
+        raise UserError("cannot resume: tokenizer.json differs from the one the checkpoint was trained with")
+    if checkpoint["text_hash"] != dataset.text_hash:
+        raise UserError(f"cannot resume: the text {checkpoint['plan']['dataset_path']} changed since the "
+                        "checkpoint (its content hash differs); start a new run or use --init_from")
+
+
+def plot_losses(metrics_path, plot_path):
+    """Loss curve from the metrics log, drawn without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in rows], [r["train_loss"] for r in rows], label="train")
+    ax.plot([r["tokens"] for r in rows], [r["val_loss"] for r in rows], label="validation")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(plot_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+
+    # Ask and load: the plan, the config, the text and its tokens.
     config = load_config(args.config_path)
-    plan = ask("Configure training parameters:", QUESTIONS, args)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
+    if checkpoint:
+        plan = checkpoint["plan"]
+        print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
+    else:
+        plan = ask("Configure training parameters:", QUESTIONS, args)
+        plan.update(max_steps=args.max_steps, seed=args.seed, warmup_steps=args.warmup_steps,
+                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay)
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
         print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
               "own documentation. Give --dataset_path to train on your text.")
-    text = read_text(plan["dataset_path"], args.encoding)
+    device = pick_device(args.device)
+    torch.manual_seed(plan["seed"])
+    torch.set_num_threads(os.cpu_count() or 1)
 
-    # Tokenizer: one token per distinct character, saved beside the config.
-    tokenizer = build_char_tokenizer(set(text))
-    tokens = encode_to_array(tokenizer, text)
+    given_tokenizer = load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
+    started_prep = time.time()
+    dataset = prepare_dataset(plan["dataset_path"], args.encoding, given_tokenizer)
+    tokenizer = dataset.tokenizer
     block_size = config["block_size"]
-    train_tokens, val_tokens = split(tokens, block_size, plan["dataset_path"])
-    save_tokenizer(tokenizer, args.tokenizer_path)
-    config["vocab_size"] = tokenizer.get_vocab_size()
-    config["dataset_path"] = os.path.abspath(plan["dataset_path"])
-    save_config(config, args.config_path)
-    print(f"Tokenizer: {len(set(text))} distinct characters, vocabulary of {config['vocab_size']} "
-          f"(with byte fallback) saved to {args.tokenizer_path}")
-    print(f"Text: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens")
+    check_split(dataset, block_size, plan["dataset_path"])
+    print(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
+          f"{len(dataset.val):,} validation tokens"
+          + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started_prep:.1f}s)"))
 
-    # Model and plan.
-    model = GPTLanguageModel(config).to(device)
+    if checkpoint:
+        check_resume(checkpoint, config, tokenizer, dataset)
+    elif args.init_from:
+        if tokenizer.get_vocab_size() != config["vocab_size"]:
+            raise UserError(f"{args.tokenizer_path} has {tokenizer.get_vocab_size()} tokens but "
+                            f"{args.config_path} says vocab_size {config['vocab_size']}: they are not a pair")
+    else:
+        save_tokenizer(tokenizer, args.tokenizer_path)
+        config["vocab_size"] = tokenizer.get_vocab_size()
+        save_config(config, args.config_path)
+        print(f"Tokenizer: vocabulary of {config['vocab_size']} (one token per character, plus byte "
+              f"fallback) saved to {args.tokenizer_path}")
+
+    # Model, optimizer, schedule.
     batch_size = plan["batch_size"]
+    check_memory(config, batch_size)
+    model = (load_trained_model(args.init_from, config).train() if args.init_from
+             else GPTLanguageModel(config)).to(device)
+    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device)
+    generator = np.random.default_rng(plan["seed"])
     tokens_per_step = batch_size * block_size
-    steps_per_epoch = max(1, math.ceil(len(train_tokens) / tokens_per_step))
+    steps_per_epoch = max(1, math.ceil(len(dataset.train) / tokens_per_step))
     total_steps = plan["max_epochs"] * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    if plan["max_steps"]:
+        total_steps = min(total_steps, plan["max_steps"])
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, total_steps // 20))
-    eval_interval = args.eval_interval or max(1, steps_per_epoch // 4)
-    optimizer = make_optimizer(model, plan["learning_rate"], args.weight_decay, device)
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    warmup_steps = plan["warmup_steps"] if plan["warmup_steps"] is not None else min(200, max(1, total_steps // 20))
+    step, best_val, best_step, elapsed_before, val_loss = 0, float("inf"), None, 0.0, float("nan")
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        generator.bit_generator.state = checkpoint["numpy_rng"]
+        step, best_val, best_step = checkpoint["step"], checkpoint["best_val"], checkpoint["best_step"]
+        elapsed_before = checkpoint["elapsed"]
+    elif os.path.exists(args.metrics_path):
+        os.remove(args.metrics_path)  # a new run starts a new log
+
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train_model = torch.compile(model) if args.compile == "yes" or (args.compile == "auto" and device == "cuda") else model
 
     def autocast():
         return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
 
-    print(f"Training on {device} with {model.num_parameters() / 1e6:.2f}M parameters "
-          f"({n_epochs} epoch(s), {total_steps} steps of {tokens_per_step} tokens)")
+    def checkpoint_state():
+        return {"step": step, "best_val": best_val, "best_step": best_step, "config": config, "plan": plan,
+                "tokenizer_hash": tokenizer_hash(tokenizer), "text_hash": dataset.text_hash,
+                "elapsed": elapsed_before + time.time() - started}
+
+    print(f"Training on {device} with {model.num_parameters() / 1e6:.2f}M parameters: {n_epochs} epoch(s) "
+          f"of {steps_per_epoch} steps, {tokens_per_step:,} tokens per step, {total_steps} steps in all"
+          + (", bfloat16 autocast" if use_bf16 else "") + (", compiled" if train_model is not model else ""))
 
     # Train.
-    generator = np.random.default_rng(args.seed)
-    best_val, best_step, step = float("inf"), None, 0
-    started = time.time()
-    for epoch in range(n_epochs):
-        steps_this_epoch = min(steps_per_epoch, total_steps - step)
-        progress = tqdm(range(steps_this_epoch), desc=f"Epoch {epoch + 1}/{n_epochs}",
-                        unit="step", dynamic_ncols=True, leave=False,
-                        disable=not sys.stderr.isatty())
-        epoch_loss = 0.0
-        for i in progress:
-            lr = learning_rate_at(step, total_steps, plan["learning_rate"], warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(train_tokens, batch_size, block_size, generator, device)
-            with autocast():
-                _, loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            epoch_loss += loss.item()
-            elapsed = time.time() - started
-            progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{step * tokens_per_step / elapsed:,.0f}")
+    started = last_checkpoint = time.time()
+    window_losses, tokens_at_start = [], step * tokens_per_step
+    interactive = sys.stderr.isatty()
+    with StopRequest() as stop:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            epoch_end = min(total_steps, (epoch + 1) * steps_per_epoch)
+            progress = tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                            desc=f"Epoch {epoch + 1}/{n_epochs}", unit="step", dynamic_ncols=True,
+                            leave=False, disable=not interactive)
+            epoch_losses = []
+            while step < epoch_end:
+                lr = learning_rate_at(step, total_steps, plan["learning_rate"], warmup_steps, plan["min_lr_ratio"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = get_batch(dataset.train, batch_size, block_size, generator, device)
+                with autocast():
+                    _, loss = train_model(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                step += 1
+                loss_value = loss.item()
+                epoch_losses.append(loss_value)
+                window_losses.append(loss_value)
+                tokens_per_s = (step * tokens_per_step - tokens_at_start) / (time.time() - started)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
-            if step % eval_interval == 0 or i == steps_this_epoch - 1:
-                val_loss = estimate_loss(model, val_tokens, batch_size, block_size,
-                                         args.eval_batches, device, autocast)
-                if val_loss < best_val:
-                    best_val, best_step = val_loss, step
-                    with atomic_path(args.output) as tmp:
-                        torch.save(model.state_dict(), tmp)
-        progress.close()
-        print(f"Epoch {epoch + 1}/{n_epochs}, Loss: {epoch_loss / max(1, steps_this_epoch):.4f}, "
-              f"Validation loss: {val_loss:.4f} (best {best_val:.4f} at step {best_step})")
+                if step % args.eval_interval == 0 or step == epoch_end:
+                    val_loss = estimate_loss(model, dataset.val, batch_size, block_size,
+                                             args.eval_batches, device, autocast)
+                    if val_loss < best_val:
+                        best_val, best_step = val_loss, step
+                        with atomic_path(args.output) as tmp:
+                            torch.save(model.state_dict(), tmp)
+                    with open(args.metrics_path, "a") as log:
+                        log.write(json.dumps({
+                            "step": step, "tokens": step * tokens_per_step,
+                            "train_loss": round(float(np.mean(window_losses)), 5), "val_loss": round(val_loss, 5),
+                            "lr": lr, "tokens_per_s": round(tokens_per_s),
+                            "elapsed_s": round(elapsed_before + time.time() - started, 2)}) + "\n")
+                    window_losses = []
+                    if interactive:
+                        progress.write(f"step {step}: validation loss {val_loss:.4f}")
+                if (step % args.checkpoint_interval == 0 or stop.requested
+                        or time.time() - last_checkpoint > 60 * args.checkpoint_minutes):
+                    save_checkpoint(args.checkpoint_path, model, optimizer, generator, checkpoint_state())
+                    last_checkpoint = time.time()
+                if stop.requested:
+                    progress.close()
+                    print(f"Stopped at step {step}/{total_steps}; checkpoint saved to {args.checkpoint_path}. "
+                          f"Resume with: python train_llm.py --resume", file=sys.stderr)
+                    raise SystemExit(130)
+            progress.close()
+            print(f"Epoch {epoch + 1}/{n_epochs}, Loss: {np.mean(epoch_losses):.4f}, "
+                  f"Validation loss: {val_loss:.4f} (best {best_val:.4f} at step {best_step})", flush=True)
+        save_checkpoint(args.checkpoint_path, model, optimizer, generator, checkpoint_state())
 
     elapsed = time.time() - started
-    print(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f}); "
-          f"{step} steps in {elapsed:.1f}s, {step * tokens_per_step / elapsed:,.0f} tokens/s")
+    plot_losses(args.metrics_path, args.plot_path)
+    print(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f}, "
+          f"{best_val / math.log(2):.3f} bits per character); {total_steps} steps in {elapsed:.1f}s, "
+          f"{(total_steps * tokens_per_step - tokens_at_start) / elapsed:,.0f} tokens/s. "
+          f"Log: {args.metrics_path}, curve: {args.plot_path}")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def atomic_path(path: str):
     except PermissionError:
         raise UserError(f"cannot write {path}: folder {folder} is not writable") from None
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
     try:
         yield tmp
         with open(tmp, "rb") as written:
@@ -199,6 +200,12 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(path: str):
     """Like atomic_path, for a folder: build it aside, then swap it in."""
@@ -209,6 +216,7 @@ def atomic_dir(path: str):
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         old = None
         if os.path.exists(path):

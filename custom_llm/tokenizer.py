@@ -143,24 +143,16 @@ def decode(tokenizer: Tokenizer, ids) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def encode_to_array(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """Encode a whole text into a compact array (uint16 where the vocabulary fits).
-
-    Fast path: when every character of the text is a single token (always true for the text
-    the tokenizer was built from), map code points through a lookup table; otherwise fall back
-    to the full tokenizer, one line-sized chunk at a time."""
-    vocab = tokenizer.get_vocab(with_added_tokens=False)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
-    codepoints = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-    unique = np.unique(codepoints)
-    ids_of_unique = np.array([vocab.get(_symbol(chr(c).encode("utf-8", "surrogatepass")), -1)
-                              for c in unique.tolist()], dtype=np.int64)
-    if END_OF_TEXT not in text and (ids_of_unique >= 0).all():
-        return ids_of_unique[np.searchsorted(unique, codepoints)].astype(dtype)
-    chunks, start, step = [], 0, 1 << 20
-    while start < len(text):
-        end = text.find("\n", start + step)
-        end = len(text) if end == -1 else end + 1
-        chunks.append(np.array(encode(tokenizer, text[start:end]), dtype=dtype))
-        start = end
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+def char_lookup_table(tokenizer: Tokenizer) -> np.ndarray:
+    """code point -> token id for every character that is a single token (-1 elsewhere), so a
+    text of such characters encodes with one numpy lookup instead of a tokenizer call."""
+    table = np.full(0x110000, -1, dtype=np.int32)
+    inverse = {symbol: index for index, symbol in enumerate(BYTE_SYMBOLS)}
+    for token, index in tokenizer.get_vocab(with_added_tokens=False).items():
+        try:
+            character = bytes(inverse[s] for s in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue  # a partial character
+        if len(character) == 1:
+            table[ord(character)] = index
+    return table
