@@ -10,6 +10,7 @@ the Hugging Face and GGUF exports are exact copies of it rather than approximati
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -170,15 +171,24 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 # ----------------------------------------------------------------------- saved files
 
+def load_weights_only(path: str, fix: str):
+    """torch.load that never runs code from the file: anything but tensors and plain data is
+    refused (weights_only=True), as is a damaged file, each with one line saying what to do."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: {fix}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before refusing; the refusal is the message
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        reason = "it holds objects other than weights, refused for safety" \
+            if "weights_only" in str(err) or "Unsupported global" in str(err) else "truncated or damaged"
+        raise UserError(f"{path} cannot be loaded ({reason}): {fix}") from None
+
+
 def load_config(path="model_config.pth") -> dict:
     """model_config.pth as a dict, with a one-line error for every way it can be wrong."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: run `python llm_model.py` first to create it")
-    try:
-        config = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # pickle refusals and truncations come in many types
-        raise UserError(f"{path} is not a readable model config ({type(err).__name__}): "
-                        "recreate it with `python llm_model.py`") from None
+    config = load_weights_only(path, "create it with `python llm_model.py`")
     if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
         raise UserError(f"{path} is not a model config (expected keys {', '.join(CONFIG_KEYS)}): "
                         "recreate it with `python llm_model.py`")
@@ -187,14 +197,7 @@ def load_config(path="model_config.pth") -> dict:
 
 def load_trained_model(model_path: str, config: dict) -> GPTLanguageModel:
     """The trained model in eval mode, or a one-line error naming what does not fit."""
-    if not os.path.exists(model_path):
-        raise UserError(f"{model_path} not found: run `python train_llm.py` first to train a model")
-    try:
-        state = torch.load(model_path, weights_only=True, map_location="cpu")
-    except Exception as err:
-        reason = "it holds objects other than weights, refused for safety" \
-            if "weights_only" in str(err) or "Unsupported global" in str(err) else "truncated or damaged"
-        raise UserError(f"{model_path} cannot be loaded ({reason}): retrain with `python train_llm.py`") from None
+    state = load_weights_only(model_path, "train a model with `python train_llm.py`")
     model = GPTLanguageModel(config)
     expected = model.state_dict()
     if not isinstance(state, dict):

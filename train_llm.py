@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask, atomic_path,
-                            existing_file, positive_float, positive_int, run)
+                            check_writable, existing_file, positive_float, positive_int, run)
 from custom_llm.data import check_split, get_batch, prepare_dataset, tokenizer_hash
 from custom_llm.default_text import build_default_text
 from custom_llm.tokenizer import load_tokenizer, save_tokenizer
 from llm_model import (CONFIG_KEYS, GPTLanguageModel, check_memory, load_config, load_trained_model,
-                       save_config)
+                       load_weights_only, save_config)
 
 DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
@@ -36,6 +36,11 @@ QUESTIONS = [
     Question("max_epochs", "Number of epochs", 5, positive_int),
     Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),
 ]
+
+
+# Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
+PLAN_FLAGS = ("max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+              "eval_interval", "eval_batches")
 
 
 def parse_args():
@@ -150,11 +155,7 @@ def save_checkpoint(path, model, optimizer, generator, state):
 def load_checkpoint(path):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} to resume from: start a run without --resume", 2)
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:
-        raise UserError(f"{path} cannot be loaded (damaged, or holds objects other than tensors and "
-                        "plain data): start a new run without --resume") from None
+    return load_weights_only(path, "start a new run without --resume")
 
 
 def check_resume(checkpoint, config, tokenizer, dataset):
@@ -197,14 +198,15 @@ def main():
 
     # Ask and load: the plan, the config, the text and its tokens.
     config = load_config(args.config_path)
+    for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path):
+        check_writable(path)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
     if checkpoint:
         plan = checkpoint["plan"]
         print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
     else:
         plan = ask("Configure training parameters:", QUESTIONS, args)
-        plan.update(max_steps=args.max_steps, seed=args.seed, warmup_steps=args.warmup_steps,
-                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay)
+        plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
         print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
@@ -300,7 +302,7 @@ def main():
                     _, loss = train_model(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), plan["grad_clip"])
                 optimizer.step()
                 step += 1
                 loss_value = loss.item()
@@ -310,9 +312,9 @@ def main():
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
-                if step % args.eval_interval == 0 or step == epoch_end:
+                if step % plan["eval_interval"] == 0 or step == epoch_end:
                     val_loss = estimate_loss(model, dataset.val, batch_size, block_size,
-                                             args.eval_batches, device, autocast)
+                                             plan["eval_batches"], device, autocast)
                     if val_loss < best_val:
                         best_val, best_step = val_loss, step
                         with atomic_path(args.output) as tmp:

@@ -200,6 +200,19 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
+def check_writable(path: str) -> None:
+    """Fail early, before hours of work, when path's folder cannot take a new file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except FileNotFoundError:
+        raise UserError(f"cannot write {path}: folder {folder} does not exist", 2) from None
+    except OSError as err:
+        raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})", 2) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

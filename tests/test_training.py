@@ -1,0 +1,300 @@
+"""Training: the data pipeline and its cache, the schedule, checkpoints, resume, interruption,
+kills, safe loading, and the errors users get."""
+
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY, make_text, one_line_error, run_script
+
+import custom_llm.data as data
+from custom_llm.cli import UserError, atomic_path
+from custom_llm.tokenizer import build_char_tokenizer, encode, load_tokenizer
+from train_llm import learning_rate_at
+
+QUICK = ["--batch_size", "16", "--learning_rate", "0.003", "-y"]
+
+
+# --------------------------------------------------------------------------- schedule
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate_at(s, 1000, 1e-3, 100, 0.1) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[99] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:99], lrs[1:100]))        # warmup rises
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))       # then only falls
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-3)                # to a tenth of the peak
+    assert learning_rate_at(5000, 1000, 1e-3, 100, 0.1) == pytest.approx(1e-4)
+
+
+# ------------------------------------------------------------------------------- data
+
+def test_chunked_preparation_equals_whole_text_encoding(tmp_path, monkeypatch):
+    text = make_text(300) + "end of one part<|endoftext|>start of another, ünïcödé 🙂\n" * 3
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data, "CHUNK_BYTES", 97)  # chunk edges fall inside multi-byte characters
+    dataset = data.prepare_dataset(str(path))
+    assert not dataset.from_cache
+    assert dataset.tokens.dtype == np.uint16
+    assert dataset.tokens.tolist() == encode(dataset.tokenizer, text)
+    assert len(dataset.val) == int(len(dataset.tokens) * 0.1)
+    assert dataset.train.tolist() + dataset.val.tolist() == dataset.tokens.tolist()  # the last 10% is held out
+
+
+def test_token_cache_is_used_and_invalidated(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(make_text(200), encoding="utf-8")
+    first = data.prepare_dataset(str(path))
+    second = data.prepare_dataset(str(path))
+    assert second.from_cache and np.array_equal(first.tokens, second.tokens)
+    other_tokenizer = build_char_tokenizer(set("abc"))     # a different tokenizer: a new cache entry
+    third = data.prepare_dataset(str(path), tokenizer=other_tokenizer)
+    assert not third.from_cache and third.tokens.tolist() == encode(other_tokenizer, path.read_text())
+    path.write_text(make_text(200, seed=1), encoding="utf-8")  # the text changed: prepared again
+    fourth = data.prepare_dataset(str(path))
+    assert not fourth.from_cache and fourth.tokens.tolist() == encode(fourth.tokenizer, path.read_text())
+
+
+def test_bad_bytes_are_reported_with_their_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 10)
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo wörld, ".encode() * 5 + b"\xff" + b" tail")
+    offset = len("héllo wörld, ".encode() * 5)
+    with pytest.raises(UserError, match=f"byte offset {offset}"):
+        data.prepare_dataset(str(path))
+
+
+def test_batches_are_shifted_windows_from_anywhere():
+    tokens = np.arange(100, dtype=np.uint16)
+    generator = np.random.default_rng(0)
+    starts = set()
+    for _ in range(300):
+        x, y = data.get_batch(tokens, 8, 10, generator)
+        assert x.shape == y.shape == (8, 10) and x.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+        starts.update(x[:, 0].tolist())
+    assert starts == set(range(90))  # every overlapping window can occur, and none runs off the end
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+@pytest.fixture()
+def configured(tmp_path, text_file):
+    assert run_script("llm_model.py", *TINY, "-y", cwd=tmp_path).returncode == 0
+    return tmp_path, text_file
+
+
+def start_training(folder, text_file, *extra):
+    return subprocess.Popen([sys.executable, str(REPO / "train_llm.py"), "--dataset_path", str(text_file),
+                             *QUICK, *map(str, extra)], cwd=folder, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_log(folder, min_lines, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = folder / "training_log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= min_lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError("training made no progress")
+
+
+def test_interrupt_saves_checkpoint_and_resume_matches_uninterrupted_run(configured, tmp_path_factory):
+    folder, text_file = configured
+    plan = ["--max_steps", 120, "--eval_interval", 10, "--seed", 5]
+    # The reference: the same plan, never interrupted, in its own folder.
+    reference = tmp_path_factory.mktemp("reference")
+    assert run_script("llm_model.py", *TINY, "-y", cwd=reference).returncode == 0
+    done = run_script("train_llm.py", "--dataset_path", text_file, *QUICK, *plan, cwd=reference)
+    assert done.returncode == 0, done.stderr
+
+    process = start_training(folder, text_file, *plan)
+    wait_for_log(folder, 3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Resume with: python train_llm.py --resume" in err and "Traceback" not in err
+    checkpoint = torch.load(folder / "checkpoint.pth", weights_only=True)
+    assert 0 < checkpoint["step"] < 120
+
+    resumed = run_script("train_llm.py", "--resume", cwd=folder)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from checkpoint.pth at step {checkpoint['step']}" in resumed.stdout
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [row["step"] for row in expected]  # the curve continues, no gap
+    assert log[-1]["step"] == 120 and len(log) >= 12
+    for got, want in zip(log, expected):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-4)
+    final = torch.load(folder / "trained_model.pth", weights_only=True)
+    final_reference = torch.load(reference / "trained_model.pth", weights_only=True)
+    assert all(torch.allclose(final[k], final_reference[k], atol=1e-5) for k in final)
+
+
+def test_files_survive_sigkill_at_random_moments(configured):
+    folder, text_file = configured
+    rng = random.Random(0)
+    plan = ["--max_steps", 400, "--eval_interval", 5, "--checkpoint_interval", 7]
+    kills = 0
+    for attempt in range(4):
+        process = start_training(folder, text_file, *plan, *(["--resume"] if attempt else []))
+        if attempt == 0:
+            wait_for_log(folder, 1)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.kill()
+        process.communicate()
+        kills += 1
+        # Every file on disk loads.
+        torch.load(folder / "model_config.pth", weights_only=True)
+        load_tokenizer(str(folder / "tokenizer.json"))
+        for name in ("trained_model.pth", "checkpoint.pth"):
+            if (folder / name).exists():
+                torch.load(folder / name, weights_only=True)
+        for line in (folder / "training_log.jsonl").read_text().splitlines()[:-1]:
+            json.loads(line)
+        assert not [p for p in os.listdir(folder) if p.endswith(".tmp")], os.listdir(folder)
+        if not (folder / "checkpoint.pth").exists():
+            pytest.fail("no checkpoint was written before the kill")
+    assert kills == 4
+    final = run_script("train_llm.py", "--resume", cwd=folder)
+    assert final.returncode == 0, final.stderr
+    assert torch.load(folder / "checkpoint.pth", weights_only=True)["step"] == 400
+
+
+def test_resume_refuses_a_different_config_or_text(configured):
+    folder, text_file = configured
+    assert run_script("train_llm.py", "--dataset_path", text_file, *QUICK, "--max_steps", 5,
+                      cwd=folder).returncode == 0
+    original = text_file.read_bytes()
+    changed = folder / "changed.txt"
+    changed.write_bytes(original)
+    assert run_script("train_llm.py", "--dataset_path", changed, *QUICK, "--max_steps", 5,
+                      cwd=folder).returncode == 0
+    changed.write_bytes(original + b"one more line\n")
+    line = one_line_error(run_script("train_llm.py", "--resume", cwd=folder))
+    assert "changed since the checkpoint" in line
+    config = torch.load(folder / "model_config.pth", weights_only=True)
+    torch.save({**config, "n_layer": 3}, folder / "model_config.pth")
+    line = one_line_error(run_script("train_llm.py", "--resume", cwd=folder))
+    assert "n_layer" in line and "differs" in line
+
+
+def test_init_from_continues_on_new_text_with_the_same_tokenizer(configured, tmp_path):
+    folder, text_file = configured
+    assert run_script("train_llm.py", "--dataset_path", text_file, *QUICK, "--max_steps", 30,
+                      cwd=folder).returncode == 0
+    tokenizer_before = (folder / "tokenizer.json").read_text()
+    more = tmp_path / "more.txt"
+    more.write_text("Новый текст с символами, которых модель не видела. ✨\n" * 40, encoding="utf-8")
+    (folder / "trained_model.pth").rename(folder / "first.pth")
+    result = run_script("train_llm.py", "--init_from", "first.pth", "--dataset_path", more, *QUICK,
+                        "--max_steps", 10, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "tokenizer.json").read_text() == tokenizer_before  # the model's own tokenizer
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] <= 10 and log[-1]["step"] == 10  # a fresh schedule and log
+    torch.load(folder / "trained_model.pth", weights_only=True)
+
+
+# ------------------------------------------------------------------------ safe loading
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_files_that_would_run_code_are_refused(trained, tmp_path):
+    folder, _ = trained
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"wte.weight": RunsCode(marker)}, f)
+    line = one_line_error(run_script("convert_to_gguf.py", "--model_path", evil, cwd=folder))
+    assert "refused for safety" in line
+    evil_config = tmp_path / "evil_config.pth"
+    torch.save({"vocab_size": RunsCode(marker)}, evil_config)
+    line = one_line_error(run_script("train_llm.py", "--config_path", evil_config, "-y", cwd=tmp_path))
+    assert "evil_config.pth" in line
+    assert not marker.exists()  # the code never ran
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "other config"])
+def test_damaged_model_files(trained, tmp_path, damage):
+    folder, _ = trained
+    bad = tmp_path / "bad.pth"
+    good = (folder / "trained_model.pth").read_bytes()
+    if damage == "zero bytes":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(good[:len(good) // 2])
+    else:
+        state = torch.load(folder / "trained_model.pth", weights_only=True)
+        state["wpe.weight"] = torch.zeros(7, state["wpe.weight"].shape[1])
+        torch.save(state, bad)
+    line = one_line_error(run_script("convert_to_gguf.py", "--model_path", bad, cwd=folder))
+    assert "bad.pth" in line
+    if damage == "other config":
+        assert "wpe.weight" in line
+
+
+def test_tokenizer_that_does_not_match_the_model(trained, tmp_path):
+    folder, _ = trained
+    other = tmp_path / "other.json"
+    build_char_tokenizer(set("xyz")).save(str(other))
+    line = one_line_error(run_script("convert_to_gguf.py", "--tokenizer_path", other, cwd=folder))
+    assert "vocab_size" in line
+
+
+# --------------------------------------------------------------------- errors, writes
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
+    line = one_line_error(run_script("llm_model.py", "--n_layer", "10000", "--n_embd", "4096",
+                                     "--n_head", "32", "-y", cwd=tmp_path), 2)
+    assert "GiB" in line and "free" in line
+    assert not (tmp_path / "model_config.pth").exists()
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "trained_model.pth"
+    target.write_bytes(b"previous good file")
+    with pytest.raises(UserError, match="No space left"):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half of a new fi")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert target.read_bytes() == b"previous good file"
+    assert os.listdir(tmp_path) == ["trained_model.pth"]  # no temporary file left behind
+
+
+def test_unwritable_output_folder_fails_before_training(configured):
+    folder, text_file = configured
+    line = one_line_error(run_script("train_llm.py", "--dataset_path", text_file, "--output",
+                                     "/proc/no-such-folder/model.pth", "-y", cwd=folder), 2)
+    assert "cannot write" in line and "/proc/no-such-folder" in line
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--learning_rate", "0"], "positive"),
+    (["--learning_rate=-1e-3"], "positive"),
+    (["--batch_size", "0"], "positive"),
+    (["--max_epochs", "two"], "not a whole number"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--max_steps", "0"], "positive"),
+])
+def test_bad_training_flags(configured, flags, reason):
+    folder, text_file = configured
+    line = one_line_error(run_script("train_llm.py", "--dataset_path", text_file, *flags, "-y", cwd=folder), 2)
+    assert reason in line
