@@ -324,7 +324,8 @@ def main():
                             "step": step, "tokens": step * tokens_per_step,
                             "train_loss": round(float(np.mean(window_losses)), 5), "val_loss": round(val_loss, 5),
                             "lr": lr, "tokens_per_s": round(tokens_per_s),
-                            "elapsed_s": round(elapsed_before + time.time() - started, 2)}) + "\n")
+                            "elapsed_s": round(elapsed_before + time.time() - started, 2),
+                            "time": round(time.time(), 3)}) + "\n")
                     window_losses = []
                     if interactive:
                         progress.write(f"step {step}: validation loss {val_loss:.4f}")

@@ -1,8 +1,8 @@
 """Training text -> token file on disk -> batches of windows.
 
-A text of any size is read in chunks: one pass hashes it (and, for a new tokenizer, collects its
-characters), a second encodes it straight into a uint16 token file. The token file is cached
-next to the text, keyed by the text's content hash and the tokenizer, so a second run on the same
+A text of any size is read in chunks and encoded straight into a uint16 token file in one pass
+(the character vocabulary is discovered on the way). The token file is cached next to the text,
+in .token_cache/, keyed by the text's content hash and the tokenizer, so a second run on the same
 text skips all of this. Training reads the file memory-mapped: no Python work per sample.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from custom_llm.cli import UserError, atomic_path
-from custom_llm.tokenizer import (END_OF_TEXT, build_char_tokenizer, char_lookup_table, encode)
+from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, char_lookup_table, encode
 
 VALIDATION_FRACTION = 0.1          # the last 10% of the tokens is held out
-CHUNK_BYTES = 16 << 20             # bytes read at a time; bounds the working memory
-CACHE_VERSION = 1
+CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in the CPU cache (measured fastest)
+CACHE_VERSION = 2
 
 
 def check_text_file(path: str) -> None:
@@ -39,34 +39,106 @@ def read_chunks(path: str, encoding: str = "utf-8"):
     """Yield the text chunk by chunk. Chunks end after a newline where there is one, so a
     multi-character token such as <|endoftext|> is never cut in two."""
     try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+        utf8 = codecs.lookup(encoding).name == "utf-8"
     except LookupError:
         raise UserError(f"unknown --encoding {encoding!r}", 2) from None
-    carry, offset = "", 0
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    carry, offset = b"", 0  # offset: where the next decoded piece starts in the file
     try:
         with open(path, "rb") as f:
             while True:
                 raw = f.read(CHUNK_BYTES)
-                if offset == 0 and b"\x00" in raw[:8192] and encoding.lower().replace("-", "") == "utf8":
+                if offset == 0 and utf8 and b"\x00" in raw[:8192]:
                     raise UserError(f"{path} looks like a binary file (it has NUL bytes), not text")
-                try:
-                    text = carry + decoder.decode(raw, final=not raw)
-                except UnicodeDecodeError as err:
-                    pending = len(decoder.getstate()[0]) if raw else 0
-                    position = offset - pending + err.start
-                    raise UserError(f"{path} is not valid {encoding}: bad byte at byte offset {position}; "
-                                    "convert it to UTF-8 or pass --encoding (e.g. latin-1)") from None
-                offset += len(raw)
-                if not raw:
+                if not utf8:  # any other encoding: its incremental decoder finds the boundaries
+                    text = _decode(decoder, raw, not raw, path, encoding, offset)
+                    offset += len(raw)
                     if text:
                         yield text
+                    if not raw:
+                        return
+                    continue
+                # UTF-8: a newline byte is never part of a longer character, so cut after the last
+                # one and decode whole pieces; the rest waits for the next read.
+                data = carry + raw
+                cut = data.rfind(b"\n") + 1 if raw else len(data)
+                if cut == 0:  # one enormous line: cut anywhere outside a character
+                    cut = len(data) - 1
+                    while cut > 0 and (data[cut] & 0xC0) == 0x80:
+                        cut -= 1
+                if cut:
+                    yield _decode(decoder, data[:cut], True, path, encoding, offset)
+                offset += cut
+                carry = data[cut:]
+                if not raw:
                     return
-                cut = text.rfind("\n") + 1 or max(0, len(text) - len(END_OF_TEXT))
-                carry, text = text[cut:], text[:cut]
-                if text:
-                    yield text
     except PermissionError:
         raise UserError(f"{path} is not readable (permission denied): check its permissions") from None
+
+
+def _decode(decoder, data, final, path, encoding, offset):
+    try:
+        return decoder.decode(data, final=final)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not valid {encoding}: bad byte at byte offset {offset + err.start}; "
+                        "convert it to UTF-8 or pass --encoding (e.g. latin-1)") from None
+
+
+class ChunkEncoder:
+    """Encodes text chunk by chunk into a compact id array with numpy lookups. Given no
+    tokenizer, it builds the character tokenizer on the way: each new character gets the next id,
+    so one pass over the text both discovers the vocabulary and encodes it."""
+
+    UNKNOWN = np.iinfo(np.uint16).max          # a character without an id (yet)
+    END_OF_TEXT_ID = UNKNOWN - 1               # placeholder until the final id is known
+
+    def __init__(self, tokenizer=None):
+        self.given = tokenizer
+        self.characters = []
+        self.saw_end_of_text = False
+        if tokenizer is not None and tokenizer.get_vocab_size() >= self.END_OF_TEXT_ID:
+            self.table = None  # a vocabulary too large for uint16: the tokenizer does all the work
+        elif tokenizer is not None:
+            self.table = char_lookup_table(tokenizer, self.UNKNOWN, np.uint16)
+        else:
+            self.table = np.full(0x110000, self.UNKNOWN, dtype=np.uint16)
+
+    @property
+    def dtype(self):
+        return np.uint32 if self.table is None else np.uint16
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.table is None:
+            return np.array(encode(self.given, text), dtype=np.uint32)
+        if END_OF_TEXT in text:
+            parts = []
+            for i, piece in enumerate(text.split(END_OF_TEXT)):
+                if i:
+                    parts.append(np.array([self._end_of_text_id()], dtype=np.uint16))
+                parts.append(self.encode(piece))
+            return np.concatenate(parts)
+        codepoints = (np.frombuffer(text.encode("ascii"), dtype=np.uint8) if text.isascii()
+                      else np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        ids = self.table[codepoints]
+        if ids.size and ids.max() == self.UNKNOWN:
+            if self.given is not None:  # characters this tokenizer only has as bytes
+                return np.array(encode(self.given, text), dtype=np.uint16)
+            new, first_seen = np.unique(codepoints[ids == self.UNKNOWN], return_index=True)
+            for codepoint in new[np.argsort(first_seen)].tolist():  # ids in order of appearance
+                self.table[codepoint] = len(self.characters)
+                self.characters.append(chr(codepoint))
+            if len(self.characters) + 256 >= self.END_OF_TEXT_ID:
+                raise UserError("the text has more than 65,000 distinct characters: a character "
+                                "tokenizer does not suit it")
+            ids = self.table[codepoints]
+        return ids
+
+    def _end_of_text_id(self):
+        self.saw_end_of_text = True
+        return self.given.token_to_id(END_OF_TEXT) if self.given is not None else self.END_OF_TEXT_ID
+
+    def tokenizer(self):
+        return self.given if self.given is not None else build_char_tokenizer(self.characters)
 
 
 @dataclass
@@ -106,7 +178,7 @@ def cache_folder(text_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(text_path)), ".token_cache")
 
 
-def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None, progress=None) -> Dataset:
+def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Dataset:
     """Tokenize the text at path (with the given tokenizer, or a new character tokenizer built
     from it), using the on-disk cache when it holds this text and tokenizer."""
     from tokenizers import Tokenizer
@@ -114,63 +186,57 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None, progress
     text_hash = file_hash(path)
     folder = cache_folder(path)
     char_tokenizer_file = os.path.join(folder, f"{text_hash}.{encoding}.tokenizer.json")
-    if tokenizer is None and os.path.exists(char_tokenizer_file):
-        tokenizer = Tokenizer.from_file(char_tokenizer_file)
-    if tokenizer is None:
-        seen = np.zeros(0x110000, dtype=bool)
-        for text in read_chunks(path, encoding):
-            seen[_codepoints(text)] = True
-            if progress:
-                progress(len(text))
-        tokenizer = build_char_tokenizer(chr(c) for c in np.flatnonzero(seen))
-        _save_quietly(char_tokenizer_file, tokenizer.to_str())
+    known = tokenizer
+    if known is None and os.path.exists(char_tokenizer_file):
+        known = Tokenizer.from_file(char_tokenizer_file)
+    if known is not None:
+        cached = _cached_tokens(folder, f"{text_hash}-{tokenizer_hash(known)}")
+        if cached is not None:
+            return Dataset(known, cached[0], cached[1], text_hash, from_cache=True)
 
-    key = f"{text_hash}-{tokenizer_hash(tokenizer)}"
-    tokens_file = os.path.join(folder, f"{key}.tokens")
-    meta_file = os.path.join(folder, f"{key}.json")
-    meta = _read_meta(meta_file)
-    if meta and os.path.exists(tokens_file):
-        tokens = np.memmap(tokens_file, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-        return Dataset(tokenizer, tokens, meta["n_characters"], text_hash, from_cache=True)
-
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.uint32
-    table = char_lookup_table(tokenizer)
-    n_tokens, n_characters = 0, 0
     try:
         os.makedirs(folder, exist_ok=True)
-        target = tokens_file
-    except OSError:  # the text's folder is read-only: work without a cache
-        target = os.path.join(tempfile.gettempdir(), f"{key}.tokens")
-    with atomic_path(target) as tmp:
+    except OSError:  # the text's folder is read-only: work in the temporary folder, uncached
+        folder = tempfile.mkdtemp(prefix="token_cache.")
+    encoder = ChunkEncoder(tokenizer)
+    n_tokens, n_characters = 0, 0
+    # Written whole under a provisional name, then renamed once the tokenizer (part of the key) is known.
+    provisional = os.path.join(folder, f"{text_hash}.partial.tokens")
+    with atomic_path(provisional) as tmp:
         with open(tmp, "wb") as out:
             for text in read_chunks(path, encoding):
-                ids = _encode_chunk(tokenizer, table, text, dtype)
+                ids = encoder.encode(text)
                 out.write(ids.tobytes())
                 n_tokens += len(ids)
                 n_characters += len(text)
-                if progress:
-                    progress(len(text))
-    if n_tokens == 0:
-        raise UserError(f"{path} is empty: training needs some text")
-    if target == tokens_file:
-        _save_quietly(meta_file, json.dumps({"version": CACHE_VERSION, "dtype": np.dtype(dtype).name,
-                                             "n_tokens": n_tokens, "n_characters": n_characters}))
-    tokens = np.memmap(target, dtype=dtype, mode="r", shape=(n_tokens,))
+        if n_tokens == 0:
+            raise UserError(f"{path} is empty: training needs some text")
+        tokenizer = encoder.tokenizer()
+        if encoder.saw_end_of_text and encoder.given is None:  # the placeholder gets its real id
+            tokens = np.memmap(tmp, dtype=np.uint16, mode="r+", shape=(n_tokens,))
+            tokens[tokens == ChunkEncoder.END_OF_TEXT_ID] = tokenizer.token_to_id(END_OF_TEXT)
+            tokens.flush()
+            del tokens
+    key = f"{text_hash}-{tokenizer_hash(tokenizer)}"
+    tokens_file = os.path.join(folder, f"{key}.tokens")
+    os.replace(provisional, tokens_file)
+    _save_quietly(os.path.join(folder, f"{key}.json"), json.dumps({
+        "version": CACHE_VERSION, "dtype": np.dtype(encoder.dtype).name, "n_tokens": n_tokens,
+        "n_characters": n_characters}))
+    if encoder.given is None:
+        _save_quietly(char_tokenizer_file, tokenizer.to_str())
+    tokens = np.memmap(tokens_file, dtype=encoder.dtype, mode="r", shape=(n_tokens,))
     return Dataset(tokenizer, tokens, n_characters, text_hash, from_cache=False)
 
 
-def _codepoints(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-
-
-def _encode_chunk(tokenizer, table, text, dtype):
-    """Characters the tokenizer has as single tokens go through a lookup table; a chunk with
-    anything else (unseen characters, <|endoftext|>) goes through the full tokenizer."""
-    if END_OF_TEXT not in text:
-        ids = table[_codepoints(text)]
-        if (ids >= 0).all():
-            return ids.astype(dtype)
-    return np.array(encode(tokenizer, text), dtype=dtype)
+def _cached_tokens(folder, key):
+    """(memory-mapped tokens, character count) from the cache, or None."""
+    meta = _read_meta(os.path.join(folder, f"{key}.json"))
+    tokens_file = os.path.join(folder, f"{key}.tokens")
+    if not meta or not os.path.exists(tokens_file) or \
+            os.path.getsize(tokens_file) != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    return np.memmap(tokens_file, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta["n_characters"]
 
 
 def _read_meta(meta_file):
@@ -185,7 +251,6 @@ def _read_meta(meta_file):
 def _save_quietly(path, content):
     """Cache files are an optimisation: failing to write one is not an error."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_path(path) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(content)

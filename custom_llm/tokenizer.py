@@ -74,9 +74,10 @@ def _symbol(data: bytes) -> str:
 def build_char_tokenizer(characters) -> Tokenizer:
     """A tokenizer with one token per given character, plus byte fallback and <|endoftext|>.
 
-    Ids: the characters first (in code-point order), then the remaining byte tokens, then the
-    partial characters that merges pass through, then <|endoftext|>."""
-    characters = sorted(set(characters) - {""})
+    Ids: the characters first, in the order given (so a text can be encoded in one pass while
+    its characters are still being discovered), then the remaining byte tokens, then the partial
+    characters that merges pass through, then <|endoftext|> (always the last id)."""
+    characters = list(dict.fromkeys(c for c in characters if c))
     vocab, merges = {}, []
 
     def add(symbol):
@@ -143,10 +144,10 @@ def decode(tokenizer: Tokenizer, ids) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def char_lookup_table(tokenizer: Tokenizer) -> np.ndarray:
-    """code point -> token id for every character that is a single token (-1 elsewhere), so a
-    text of such characters encodes with one numpy lookup instead of a tokenizer call."""
-    table = np.full(0x110000, -1, dtype=np.int32)
+def char_lookup_table(tokenizer: Tokenizer, missing: int = -1, dtype=np.int32) -> np.ndarray:
+    """code point -> token id for every character that is a single token (`missing` elsewhere),
+    so a text of such characters encodes with one numpy lookup instead of a tokenizer call."""
+    table = np.full(0x110000, missing, dtype=dtype)
     inverse = {symbol: index for index, symbol in enumerate(BYTE_SYMBOLS)}
     for token, index in tokenizer.get_vocab(with_added_tokens=False).items():
         try:

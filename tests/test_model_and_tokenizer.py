@@ -64,7 +64,7 @@ TRAINING_TEXT = make_text(200)
 
 
 def test_one_token_per_distinct_character():
-    tokenizer = build_char_tokenizer(set(TRAINING_TEXT))
+    tokenizer = build_char_tokenizer(sorted(set(TRAINING_TEXT)))
     ids = encode(tokenizer, TRAINING_TEXT)
     assert len(ids) == len(TRAINING_TEXT)  # 🙂, 日, ï each one token
     assert len(set(ids)) == len(set(TRAINING_TEXT))
@@ -74,7 +74,7 @@ def test_one_token_per_distinct_character():
 
 
 def test_unseen_characters_fall_back_to_bytes():
-    tokenizer = build_char_tokenizer(set("abc "))
+    tokenizer = build_char_tokenizer(sorted(set("abc ")))
     for text in ["é", "👨‍👩‍👧", "\x00\x07", "日本"]:
         ids = encode(tokenizer, text)
         assert len(ids) == len(text.encode("utf-8"))  # one byte token per byte, nothing dropped
@@ -85,7 +85,7 @@ def test_unseen_characters_fall_back_to_bytes():
 
 
 def test_hard_strings_round_trip_and_end_of_text_is_special():
-    tokenizer = build_char_tokenizer(set(TRAINING_TEXT))
+    tokenizer = build_char_tokenizer(sorted(set(TRAINING_TEXT)))
     for text in HARD_STRINGS:
         assert decode(tokenizer, encode(tokenizer, text)) == text
     eot = tokenizer.token_to_id(END_OF_TEXT)
@@ -105,7 +105,7 @@ _cached = {}
 
 def _tokenizer_for_property_tests():
     if "tok" not in _cached:
-        _cached["tok"] = build_char_tokenizer(set(TRAINING_TEXT))
+        _cached["tok"] = build_char_tokenizer(sorted(set(TRAINING_TEXT)))
     return _cached["tok"]
 
 
@@ -116,7 +116,7 @@ def gguf_pair(request, tmp_path_factory):
     """A random model's F32 GGUF with a tokenizer built from a text with multi-byte characters,
     and one from an all-ASCII text (no merges of its own)."""
     text = TRAINING_TEXT if request.param == "mixed" else "just plain ascii text, nothing else!\n"
-    tokenizer = build_char_tokenizer(set(text))
+    tokenizer = build_char_tokenizer(sorted(set(text)))
     torch.manual_seed(0)
     model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"

@@ -56,7 +56,7 @@ def test_token_cache_is_used_and_invalidated(tmp_path):
     first = data.prepare_dataset(str(path))
     second = data.prepare_dataset(str(path))
     assert second.from_cache and np.array_equal(first.tokens, second.tokens)
-    other_tokenizer = build_char_tokenizer(set("abc"))     # a different tokenizer: a new cache entry
+    other_tokenizer = build_char_tokenizer(sorted(set("abc")))     # a different tokenizer: a new cache entry
     third = data.prepare_dataset(str(path), tokenizer=other_tokenizer)
     assert not third.from_cache and third.tokens.tolist() == encode(other_tokenizer, path.read_text())
     path.write_text(make_text(200, seed=1), encoding="utf-8")  # the text changed: prepared again
@@ -253,7 +253,7 @@ def test_damaged_model_files(trained, tmp_path, damage):
 def test_tokenizer_that_does_not_match_the_model(trained, tmp_path):
     folder, _ = trained
     other = tmp_path / "other.json"
-    build_char_tokenizer(set("xyz")).save(str(other))
+    build_char_tokenizer(sorted(set("xyz"))).save(str(other))
     line = one_line_error(run_script("convert_to_gguf.py", "--tokenizer_path", other, cwd=folder))
     assert "vocab_size" in line
 
