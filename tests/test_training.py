@@ -298,3 +298,52 @@ def test_bad_training_flags(configured, flags, reason):
     folder, text_file = configured
     line = one_line_error(run_script("train_llm.py", "--dataset_path", text_file, *flags, "-y", cwd=folder), 2)
     assert reason in line
+
+
+def test_one_enormous_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
+    text = ("word ünïcode 日本 🙂 " * 2000).strip()  # no newline at all, chunks cut between characters
+    path = tmp_path / "line.txt"
+    path.write_text(text, encoding="utf-8")
+    dataset = data.prepare_dataset(str(path))
+    assert dataset.tokens.tolist() == encode(dataset.tokenizer, text)
+
+
+def test_unreadable_text(tmp_path, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text("some text\n" * 100)
+    monkeypatch.setattr(data.os, "access", lambda *a: False)  # as root, permissions never refuse
+    with pytest.raises(UserError, match="secret.txt is not readable"):
+        data.prepare_dataset(str(path))
+
+
+def test_missing_model_files_say_which_stage_to_run(tmp_path):
+    line = one_line_error(run_script("convert_to_gguf.py", cwd=tmp_path))
+    assert "model_config.pth" in line and "llm_model.py" in line
+    assert run_script("llm_model.py", *TINY, "-y", cwd=tmp_path).returncode == 0
+    line = one_line_error(run_script("convert_to_gguf.py", cwd=tmp_path))
+    assert "tokenizer.json" in line and "train_llm.py" in line
+
+
+def test_a_gguf_of_another_kind_is_refused(trained, tmp_path):
+    import gguf
+    folder, _ = trained
+    other = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(other), arch="llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    line = one_line_error(run_script("inference_gguf.py", "--gguf_path", other, "--query", "x", cwd=folder))
+    assert "another kind" in line and "llama" in line
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes((folder / "model.gguf").read_bytes()[:5000])
+    line = one_line_error(run_script("inference_gguf.py", "--gguf_path", truncated, "--query", "x", cwd=folder))
+    assert "truncated.gguf" in line
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    result = run_script("train_llm.py", "--debug", "-y", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
