@@ -10,6 +10,7 @@ vocab_size, and saves trained_model.pth: the weights from the evaluation with th
 loss. A resumable checkpoint is saved every few hundred steps, every few minutes and on Ctrl-C.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask, atomic_path,
                             check_writable, existing_file, positive_float, positive_int, run)
-from custom_llm.data import check_split, get_batch, prepare_dataset, tokenizer_hash
+from custom_llm.data import check_split, get_batch, prepare_dataset, random_offsets, tokenizer_hash
+from custom_llm.distributed import Processes
 from custom_llm.default_text import build_default_text
 from custom_llm.tokenizer import load_tokenizer, save_tokenizer
 from llm_model import (CONFIG_KEYS, GPTLanguageModel, check_memory, load_config, load_trained_model,
@@ -40,7 +42,7 @@ QUESTIONS = [
 
 # Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
 PLAN_FLAGS = ("max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "eval_interval", "eval_batches")
+              "eval_interval", "eval_batches", "grad_accum_steps")
 
 
 def parse_args():
@@ -60,6 +62,8 @@ def parse_args():
     parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="the schedule decays to lr × this")
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--grad_accum_steps", type=int, default=1,
+                        help="micro-batches per step: the same effective batch on fewer processes")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="autocast type; auto: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
@@ -74,7 +78,7 @@ def parse_args():
     parser.add_argument("--metrics_path", default="training_log.jsonl", help="one JSON line per evaluation")
     parser.add_argument("--plot_path", default="loss_curve.png", help="loss curve written at the end")
     args = parser.parse_args()
-    for name in ("max_steps", "eval_interval", "eval_batches", "checkpoint_interval"):
+    for name in ("max_steps", "eval_interval", "eval_batches", "checkpoint_interval", "grad_accum_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name}: {value} must be a positive whole number", 2)
@@ -108,7 +112,7 @@ def estimate_loss(model, tokens, batch_size, block_size, batches, device, autoca
     generator = np.random.default_rng(1234)
     losses = []
     for _ in range(batches):
-        x, y = get_batch(tokens, batch_size, block_size, generator, device)
+        x, y = get_batch(tokens, random_offsets(generator, len(tokens), block_size, batch_size), block_size, device)
         with autocast():
             losses.append(model(x, y)[1].item())
     model.train()
@@ -195,35 +199,51 @@ def plot_losses(metrics_path, plot_path):
 
 def main():
     args = parse_args()
+    processes = Processes(pick_device(args.device))
+    try:
+        train(args, processes)
+    finally:
+        processes.close()
+
+
+def train(args, processes):
+    say = print if processes.is_main else (lambda *a, **k: None)  # only rank 0 talks and writes
+    device = processes.device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
 
     # Ask and load: the plan, the config, the text and its tokens.
     config = load_config(args.config_path)
-    for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path):
-        check_writable(path)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
-    if checkpoint:
-        plan = checkpoint["plan"]
-        print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
-    else:
-        plan = ask("Configure training parameters:", QUESTIONS, args)
-        plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
-    if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
-        n_chars = build_default_text(DEFAULT_TEXT)
-        print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
-              "own documentation. Give --dataset_path to train on your text.")
-    device = pick_device(args.device)
-    torch.manual_seed(plan["seed"])
-    torch.set_num_threads(os.cpu_count() or 1)
+    if processes.is_main:
+        for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path):
+            check_writable(path)
+        if checkpoint:
+            plan = checkpoint["plan"]
+            print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
+        else:
+            plan = ask("Configure training parameters:", QUESTIONS, args)
+            plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
+        if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
+            n_chars = build_default_text(DEFAULT_TEXT)
+            print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
+                  "own documentation. Give --dataset_path to train on your text.")
+    plan = processes.share(plan if processes.is_main else None)
+    torch.manual_seed(plan["seed"] + processes.rank)
+    torch.set_num_threads(processes.threads_per_process())
 
     given_tokenizer = load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
     started_prep = time.time()
+    if not processes.is_main:
+        processes.barrier()  # rank 0 prepares (and caches) the tokens first
     dataset = prepare_dataset(plan["dataset_path"], args.encoding, given_tokenizer)
+    if processes.is_main:
+        processes.barrier()
     tokenizer = dataset.tokenizer
     block_size = config["block_size"]
     check_split(dataset, block_size, plan["dataset_path"])
-    print(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
-          f"{len(dataset.val):,} validation tokens"
-          + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started_prep:.1f}s)"))
+    say(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
+        f"{len(dataset.val):,} validation tokens"
+        + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started_prep:.1f}s)"))
 
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
@@ -232,20 +252,24 @@ def main():
             raise UserError(f"{args.tokenizer_path} has {tokenizer.get_vocab_size()} tokens but "
                             f"{args.config_path} says vocab_size {config['vocab_size']}: they are not a pair")
     else:
-        save_tokenizer(tokenizer, args.tokenizer_path)
         config["vocab_size"] = tokenizer.get_vocab_size()
-        save_config(config, args.config_path)
-        print(f"Tokenizer: vocabulary of {config['vocab_size']} (one token per character, plus byte "
-              f"fallback) saved to {args.tokenizer_path}")
+        if processes.is_main:
+            save_tokenizer(tokenizer, args.tokenizer_path)
+            save_config(config, args.config_path)
+        say(f"Tokenizer: vocabulary of {config['vocab_size']} (one token per character, plus byte "
+            f"fallback) saved to {args.tokenizer_path}")
 
-    # Model, optimizer, schedule.
-    batch_size = plan["batch_size"]
+    # Model, optimizer, schedule. Each step trains on batch_size windows per process and
+    # accumulation step: processes × grad_accum_steps micro-batches drawn together, so the same
+    # effective batch gives the same training on any number of processes.
+    batch_size, accumulation = plan["batch_size"], plan["grad_accum_steps"]
     check_memory(config, batch_size)
     model = (load_trained_model(args.init_from, config).train() if args.init_from
              else GPTLanguageModel(config)).to(device)
-    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device)
-    generator = np.random.default_rng(plan["seed"])
-    tokens_per_step = batch_size * block_size
+    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type)
+    generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
+    micro_batches = processes.world_size * accumulation
+    tokens_per_step = batch_size * block_size * micro_batches
     steps_per_epoch = max(1, math.ceil(len(dataset.train) / tokens_per_step))
     total_steps = plan["max_epochs"] * steps_per_epoch
     if plan["max_steps"]:
@@ -256,35 +280,43 @@ def main():
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        if processes.is_main:
+            torch.set_rng_state(checkpoint["torch_rng"])
         generator.bit_generator.state = checkpoint["numpy_rng"]
         step, best_val, best_step = checkpoint["step"], checkpoint["best_val"], checkpoint["best_step"]
         elapsed_before = checkpoint["elapsed"]
-    elif os.path.exists(args.metrics_path):
+    elif processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
 
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda")
-    if device == "cuda":
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
+    if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_model = torch.compile(model) if args.compile == "yes" or (args.compile == "auto" and device == "cuda") else model
+    compiled = args.compile == "yes" or (args.compile == "auto" and device_type == "cuda")
+    train_model = torch.compile(model) if compiled else model
+    if processes.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(
+            train_model, device_ids=[processes.local_rank] if device_type == "cuda" else None)
 
     def autocast():
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def checkpoint_state():
         return {"step": step, "best_val": best_val, "best_step": best_step, "config": config, "plan": plan,
                 "tokenizer_hash": tokenizer_hash(tokenizer), "text_hash": dataset.text_hash,
                 "elapsed": elapsed_before + time.time() - started}
 
-    print(f"Training on {device} with {model.num_parameters() / 1e6:.2f}M parameters: {n_epochs} epoch(s) "
-          f"of {steps_per_epoch} steps, {tokens_per_step:,} tokens per step, {total_steps} steps in all"
-          + (", bfloat16 autocast" if use_bf16 else "") + (", compiled" if train_model is not model else ""))
+    say(f"Training on {device_type} with {model.num_parameters() / 1e6:.2f}M parameters: {n_epochs} epoch(s) "
+        f"of {steps_per_epoch} steps, {total_steps} steps in all; effective batch {batch_size * micro_batches} "
+        f"windows ({tokens_per_step:,} tokens) = {batch_size} x {processes.world_size} process(es) x "
+        f"{accumulation} accumulation step(s); peak learning rate {plan['learning_rate']:g}"
+        + (", bfloat16 autocast" if use_bf16 else "") + (", compiled" if compiled else ""))
 
     # Train.
     started = last_checkpoint = time.time()
     window_losses, tokens_at_start = [], step * tokens_per_step
-    interactive = sys.stderr.isatty()
+    interactive = processes.is_main and sys.stderr.isatty()
     with StopRequest() as stop:
         while step < total_steps:
             epoch = step // steps_per_epoch
@@ -297,15 +329,21 @@ def main():
                 lr = learning_rate_at(step, total_steps, plan["learning_rate"], warmup_steps, plan["min_lr_ratio"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = get_batch(dataset.train, batch_size, block_size, generator, device)
-                with autocast():
-                    _, loss = train_model(x, y)
+                offsets = random_offsets(generator, len(dataset.train), block_size, batch_size * micro_batches)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_value = 0.0
+                for micro in range(accumulation):
+                    part = (micro * processes.world_size + processes.rank) * batch_size
+                    x, y = get_batch(dataset.train, offsets[part:part + batch_size], block_size, device)
+                    last = micro == accumulation - 1
+                    with (contextlib.nullcontext() if last or not processes.distributed else train_model.no_sync()):
+                        with autocast():
+                            _, loss = train_model(x, y)
+                        (loss / accumulation).backward()
+                    loss_value += loss.item() / accumulation
                 torch.nn.utils.clip_grad_norm_(model.parameters(), plan["grad_clip"])
                 optimizer.step()
                 step += 1
-                loss_value = loss.item()
                 epoch_losses.append(loss_value)
                 window_losses.append(loss_value)
                 tokens_per_s = (step * tokens_per_step - tokens_at_start) / (time.time() - started)
@@ -313,42 +351,51 @@ def main():
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
                 if step % plan["eval_interval"] == 0 or step == epoch_end:
+                    # Every process evaluates the same windows, so they stay in step without waiting.
                     val_loss = estimate_loss(model, dataset.val, batch_size, block_size,
                                              plan["eval_batches"], device, autocast)
+                    train_loss = processes.mean(float(np.mean(window_losses)))
+                    window_losses = []
+                    if processes.is_main:
+                        if val_loss < best_val:
+                            with atomic_path(args.output) as tmp:
+                                torch.save(model.state_dict(), tmp)
+                        with open(args.metrics_path, "a") as log:
+                            log.write(json.dumps({
+                                "step": step, "tokens": step * tokens_per_step,
+                                "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+                                "lr": lr, "tokens_per_s": round(tokens_per_s),
+                                "elapsed_s": round(elapsed_before + time.time() - started, 2),
+                                "time": round(time.time(), 3)}) + "\n")
                     if val_loss < best_val:
                         best_val, best_step = val_loss, step
-                        with atomic_path(args.output) as tmp:
-                            torch.save(model.state_dict(), tmp)
-                    with open(args.metrics_path, "a") as log:
-                        log.write(json.dumps({
-                            "step": step, "tokens": step * tokens_per_step,
-                            "train_loss": round(float(np.mean(window_losses)), 5), "val_loss": round(val_loss, 5),
-                            "lr": lr, "tokens_per_s": round(tokens_per_s),
-                            "elapsed_s": round(elapsed_before + time.time() - started, 2),
-                            "time": round(time.time(), 3)}) + "\n")
-                    window_losses = []
                     if interactive:
                         progress.write(f"step {step}: validation loss {val_loss:.4f}")
-                if (step % args.checkpoint_interval == 0 or stop.requested
-                        or time.time() - last_checkpoint > 60 * args.checkpoint_minutes):
+                stopping = processes.any(stop.requested)
+                if processes.is_main and (step % args.checkpoint_interval == 0 or stopping
+                                          or time.time() - last_checkpoint > 60 * args.checkpoint_minutes):
                     save_checkpoint(args.checkpoint_path, model, optimizer, generator, checkpoint_state())
                     last_checkpoint = time.time()
-                if stop.requested:
+                if stopping:
                     progress.close()
-                    print(f"Stopped at step {step}/{total_steps}; checkpoint saved to {args.checkpoint_path}. "
-                          f"Resume with: python train_llm.py --resume", file=sys.stderr)
+                    if processes.is_main:
+                        print(f"Stopped at step {step}/{total_steps}; checkpoint saved to {args.checkpoint_path}. "
+                              f"Resume with: python train_llm.py --resume", file=sys.stderr)
                     raise SystemExit(130)
             progress.close()
-            print(f"Epoch {epoch + 1}/{n_epochs}, Loss: {np.mean(epoch_losses):.4f}, "
-                  f"Validation loss: {val_loss:.4f} (best {best_val:.4f} at step {best_step})", flush=True)
-        save_checkpoint(args.checkpoint_path, model, optimizer, generator, checkpoint_state())
+            epoch_loss = processes.mean(float(np.mean(epoch_losses))) if epoch_losses else float("nan")
+            say(f"Epoch {epoch + 1}/{n_epochs}, Loss: {epoch_loss:.4f}, "
+                f"Validation loss: {val_loss:.4f} (best {best_val:.4f} at step {best_step})", flush=True)
+        if processes.is_main:
+            save_checkpoint(args.checkpoint_path, model, optimizer, generator, checkpoint_state())
 
     elapsed = time.time() - started
-    plot_losses(args.metrics_path, args.plot_path)
-    print(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f}, "
-          f"{best_val / math.log(2):.3f} bits per character); {total_steps} steps in {elapsed:.1f}s, "
-          f"{(total_steps * tokens_per_step - tokens_at_start) / elapsed:,.0f} tokens/s. "
-          f"Log: {args.metrics_path}, curve: {args.plot_path}")
+    if processes.is_main:
+        plot_losses(args.metrics_path, args.plot_path)
+    say(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f}, "
+        f"{best_val / math.log(2):.3f} bits per character); {total_steps - tokens_at_start // tokens_per_step} "
+        f"steps in {elapsed:.1f}s, {(total_steps * tokens_per_step - tokens_at_start) / elapsed:,.0f} tokens/s. "
+        f"Log: {args.metrics_path}, curve: {args.plot_path}")
 
 
 if __name__ == "__main__":

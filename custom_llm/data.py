@@ -267,10 +267,13 @@ def check_split(dataset: Dataset, block_size: int, source: str) -> None:
                             f"{(block_size + 1) * 10} characters at least) or a smaller block_size")
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: np.random.Generator,
-              device="cpu"):
-    """Windows at random offsets (every overlapping chunk can occur), gathered in one go."""
-    offsets = generator.integers(0, len(tokens) - block_size, size=batch_size)
+def random_offsets(generator: np.random.Generator, n_tokens: int, block_size: int, count: int) -> np.ndarray:
+    """Starts of `count` windows at random: every overlapping chunk of the text can occur."""
+    return generator.integers(0, n_tokens - block_size, size=count)
+
+
+def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int, device="cpu"):
+    """(inputs, targets) for the windows starting at offsets, gathered in one go."""
     window = torch.from_numpy(tokens[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device != "cpu":
         window = window.pin_memory().to(device, non_blocking=True)

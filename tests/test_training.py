@@ -78,7 +78,7 @@ def test_batches_are_shifted_windows_from_anywhere():
     generator = np.random.default_rng(0)
     starts = set()
     for _ in range(300):
-        x, y = data.get_batch(tokens, 8, 10, generator)
+        x, y = data.get_batch(tokens, data.random_offsets(generator, len(tokens), 10, 8), 10)
         assert x.shape == y.shape == (8, 10) and x.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
         starts.update(x[:, 0].tolist())
@@ -347,3 +347,33 @@ def test_a_gguf_of_another_kind_is_refused(trained, tmp_path):
 def test_debug_flag_shows_the_traceback(tmp_path):
     result = run_script("train_llm.py", "--debug", "-y", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def torchrun(folder, *args):
+    torchrun_path = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([torchrun_path, "--standalone", "--nproc_per_node=2", str(REPO / "train_llm.py"),
+                           *map(str, args)], cwd=folder, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_two_processes_equal_one_with_the_same_effective_batch(configured, tmp_path_factory):
+    folder, text_file = configured
+    plan = ["--dataset_path", text_file, "--batch_size", 8, "--learning_rate", "0.003", "--eval_interval", 10, "-y"]
+    single = tmp_path_factory.mktemp("single")
+    assert run_script("llm_model.py", *TINY, "-y", cwd=single).returncode == 0
+    one = run_script("train_llm.py", *plan, "--max_steps", 20, "--grad_accum_steps", 2, cwd=single)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(folder, *plan, "--max_steps", 20)
+    assert two.returncode == 0, two.stderr
+    assert "effective batch 16 windows" in two.stdout and "8 x 2 process(es) x 1" in two.stdout
+    assert two.stdout.count("Epoch 1/") == 1  # only rank 0 prints
+    a = torch.load(single / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(folder / "checkpoint.pth", weights_only=True)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # Resume under torchrun: every rank loads the checkpoint and the run finishes cleanly.
+    checkpoint = torch.load(folder / "checkpoint.pth", weights_only=True)
+    assert checkpoint["step"] == 20
+    resumed = torchrun(folder, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from checkpoint.pth at step 20" in resumed.stdout

@@ -1,0 +1,68 @@
+"""Running as one of several processes under torchrun (DistributedDataParallel).
+
+    torchrun --nproc_per_node=2 train_llm.py ...        # 2 processes on this machine
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=1 train_llm.py ...
+
+Without torchrun everything here is a no-op for a single process.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class Processes:
+    """This process's place among the training processes (rank 0 asks, prints and writes)."""
+
+    def __init__(self, device: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.is_main = self.rank == 0
+        self.device = device
+        if self.world_size > 1:
+            if device == "cuda":
+                torch.cuda.set_device(self.local_rank)
+                self.device = f"cuda:{self.local_rank}"
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def threads_per_process(self) -> int:
+        """Share this machine's cores between the processes on it."""
+        return max(1, (os.cpu_count() or 1) // self.local_world_size)
+
+    def share(self, value):
+        """Rank 0's value, on every rank (answers to questions, plans)."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (e.g. a Ctrl-C that reached only some)."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.item() / self.world_size
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
