@@ -250,6 +250,12 @@ def check_memory(config: dict, batch_size: int = 32) -> None:
 
 # ------------------------------------------------------------------------------ script
 
+def tokenizer_kind(text: str) -> str:
+    if text.strip().lower() not in ("char", "bpe"):
+        raise ValueError(f"{text!r} is not a tokenizer kind: choose char or bpe")
+    return text.strip().lower()
+
+
 def questions():
     def divides_n_embd(n_head, answers):
         n_embd = answers["n_embd"]
@@ -265,6 +271,8 @@ def questions():
         Question("n_layer", "Number of layers (n_layer)", 6, positive_int),
         Question("block_size", "Context length in tokens (block_size)", 128, positive_int),
         Question("dropout", "Dropout", 0.1, fraction),
+        Question("tokenizer", "Tokenizer: char (one token per character) or bpe (trained on your text)",
+                 "char", tokenizer_kind),
     ]
 
 
@@ -276,7 +284,6 @@ def main():
     args = parser.parse_args()
 
     config = ask("Configure your LLM model:", qs, args)
-    config["tokenizer"] = "char"
     check_memory(config)
     save_config(config, args.output)
     print(f"Model with {count_parameters(config) / 1e6:.2f}M parameters "

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask, atomic_path,
                             check_writable, existing_file, positive_float, positive_int, run)
-from custom_llm.data import check_split, get_batch, prepare_dataset, random_offsets, tokenizer_hash
+from custom_llm.data import (bpe_tokenizer_for, check_split, get_batch, prepare_dataset, random_offsets,
+                             tokenizer_hash)
 from custom_llm.distributed import Processes
 from custom_llm.default_text import build_default_text
 from custom_llm.tokenizer import load_tokenizer, save_tokenizer
@@ -232,17 +233,25 @@ def train(args, processes):
     torch.set_num_threads(processes.threads_per_process())
 
     given_tokenizer = load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
+    bpe = config.get("tokenizer", "char") == "bpe"
     started_prep = time.time()
     if not processes.is_main:
-        processes.barrier()  # rank 0 prepares (and caches) the tokens first
+        processes.barrier()  # rank 0 prepares (and caches) the tokenizer and tokens first
+    if given_tokenizer is None and bpe:
+        target = config.get("vocab_size_requested", config["vocab_size"])
+        given_tokenizer, cached = bpe_tokenizer_for(plan["dataset_path"], args.encoding, target)
+        config["vocab_size_requested"] = target
+        say(f"BPE tokenizer: {given_tokenizer.get_vocab_size()} tokens" +
+            (" (from the token cache)" if cached else f", trained in {time.time() - started_prep:.1f}s"))
     dataset = prepare_dataset(plan["dataset_path"], args.encoding, given_tokenizer)
     if processes.is_main:
         processes.barrier()
     tokenizer = dataset.tokenizer
     block_size = config["block_size"]
     check_split(dataset, block_size, plan["dataset_path"])
+    chars_per_token = dataset.n_characters / len(dataset.tokens)
     say(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
-        f"{len(dataset.val):,} validation tokens"
+        f"{len(dataset.val):,} validation tokens, {chars_per_token:.2f} characters per token"
         + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started_prep:.1f}s)"))
 
     if checkpoint:
@@ -253,11 +262,13 @@ def train(args, processes):
                             f"{args.config_path} says vocab_size {config['vocab_size']}: they are not a pair")
     else:
         config["vocab_size"] = tokenizer.get_vocab_size()
+        config["dataset_path"] = os.path.abspath(plan["dataset_path"])  # convert_to_gguf.py checks on its held-out part
         if processes.is_main:
             save_tokenizer(tokenizer, args.tokenizer_path)
             save_config(config, args.config_path)
-        say(f"Tokenizer: vocabulary of {config['vocab_size']} (one token per character, plus byte "
-            f"fallback) saved to {args.tokenizer_path}")
+        say(f"Tokenizer: vocabulary of {config['vocab_size']} "
+            + ("(byte-level BPE" if bpe else "(one token per character, plus byte fallback")
+            + f") saved to {args.tokenizer_path}")
 
     # Model, optimizer, schedule. Each step trains on batch_size windows per process and
     # accumulation step: processes × grad_accum_steps micro-batches drawn together, so the same
@@ -392,8 +403,10 @@ def train(args, processes):
     elapsed = time.time() - started
     if processes.is_main:
         plot_losses(args.metrics_path, args.plot_path)
-    say(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f}, "
-        f"{best_val / math.log(2):.3f} bits per character); {total_steps - tokens_at_start // tokens_per_step} "
+    # Bits per character make char and BPE models comparable: loss per token / characters per token.
+    say(f"Saved {args.output}: weights from step {best_step} (validation loss {best_val:.4f} per token, "
+        f"{best_val / math.log(2) / chars_per_token:.3f} bits per character); "
+        f"{total_steps - tokens_at_start // tokens_per_step} "
         f"steps in {elapsed:.1f}s, {(total_steps * tokens_per_step - tokens_at_start) / elapsed:,.0f} tokens/s. "
         f"Log: {args.metrics_path}, curve: {args.plot_path}")
 

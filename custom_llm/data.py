@@ -58,10 +58,13 @@ def read_chunks(path: str, encoding: str = "utf-8"):
                     if not raw:
                         return
                     continue
-                # UTF-8: a newline byte is never part of a longer character, so cut after the last
-                # one and decode whole pieces; the rest waits for the next read.
+                # UTF-8: a newline byte is never part of a longer character, so cut after a
+                # newline and decode whole pieces; the rest waits for the next read.
                 data = carry + raw
-                cut = data.rfind(b"\n") + 1 if raw else len(data)
+                cut = _safe_cut(data) if raw else len(data)
+                if cut == 0 and len(data) < 16 * CHUNK_BYTES:
+                    carry = data  # no safe cut yet: read on
+                    continue
                 if cut == 0:  # one enormous line: cut anywhere outside a character
                     cut = len(data) - 1
                     while cut > 0 and (data[cut] & 0xC0) == 0x80:
@@ -74,6 +77,22 @@ def read_chunks(path: str, encoding: str = "utf-8"):
                     return
     except PermissionError:
         raise UserError(f"{path} is not readable (permission denied): check its permissions") from None
+
+
+SPACE_BYTES = b" \t\n\r\x0b\x0c"
+
+
+def _safe_cut(data: bytes) -> int:
+    """A cut point where no tokenizer's pre-tokenization (GPT-2's, which splits off whitespace
+    runs and joins one space to the word after it) can join anything across: just after a lone
+    newline between two non-space bytes, or else just before a lone space. 0 when there is none."""
+    for separator, after in ((b"\n", 1), (b" ", 0)):
+        position = len(data)
+        while (position := data.rfind(separator, 0, position)) > 0:
+            if position + 1 < len(data) and data[position - 1] not in SPACE_BYTES \
+                    and data[position + 1] not in SPACE_BYTES:
+                return position + after
+    return 0
 
 
 def _decode(decoder, data, final, path, encoding, offset):
@@ -96,20 +115,24 @@ class ChunkEncoder:
         self.given = tokenizer
         self.characters = []
         self.saw_end_of_text = False
-        if tokenizer is not None and tokenizer.get_vocab_size() >= self.END_OF_TEXT_ID:
-            self.table = None  # a vocabulary too large for uint16: the tokenizer does all the work
-        elif tokenizer is not None:
-            self.table = char_lookup_table(tokenizer, self.UNKNOWN, np.uint16)
-        else:
+        if tokenizer is None:
             self.table = np.full(0x110000, self.UNKNOWN, dtype=np.uint16)
+        elif tokenizer.get_vocab_size() < self.END_OF_TEXT_ID:
+            self.table = char_lookup_table(tokenizer, self.UNKNOWN, np.uint16)  # None for BPE
+        else:
+            self.table = None
+        self.dtype = np.uint16 if tokenizer is None or tokenizer.get_vocab_size() < self.END_OF_TEXT_ID \
+            else np.uint32
 
-    @property
-    def dtype(self):
-        return np.uint32 if self.table is None else np.uint16
+    def encode_many(self, texts) -> list:
+        if self.table is None:  # BPE (or a huge vocabulary): the tokenizer, in parallel over chunks
+            return [np.array(e.ids, dtype=self.dtype)
+                    for e in self.given.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode(text) for text in texts]
 
     def encode(self, text: str) -> np.ndarray:
         if self.table is None:
-            return np.array(encode(self.given, text), dtype=np.uint32)
+            return np.array(encode(self.given, text), dtype=self.dtype)
         if END_OF_TEXT in text:
             parts = []
             for i, piece in enumerate(text.split(END_OF_TEXT)):
@@ -204,11 +227,11 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
     provisional = os.path.join(folder, f"{text_hash}.partial.tokens")
     with atomic_path(provisional) as tmp:
         with open(tmp, "wb") as out:
-            for text in read_chunks(path, encoding):
-                ids = encoder.encode(text)
-                out.write(ids.tobytes())
-                n_tokens += len(ids)
-                n_characters += len(text)
+            for texts in _groups(read_chunks(path, encoding), 16):
+                for ids in encoder.encode_many(texts):
+                    out.write(ids.tobytes())
+                    n_tokens += len(ids)
+                n_characters += sum(len(text) for text in texts)
         if n_tokens == 0:
             raise UserError(f"{path} is empty: training needs some text")
         tokenizer = encoder.tokenizer()
@@ -227,6 +250,37 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
         _save_quietly(char_tokenizer_file, tokenizer.to_str())
     tokens = np.memmap(tokens_file, dtype=encoder.dtype, mode="r", shape=(n_tokens,))
     return Dataset(tokenizer, tokens, n_characters, text_hash, from_cache=False)
+
+
+def _groups(items, size):
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def bpe_tokenizer_for(path: str, encoding: str, vocab_size: int):
+    """The BPE tokenizer trained on this text (cached next to it, keyed by content and size)."""
+    from tokenizers import Tokenizer
+    from custom_llm.tokenizer import train_bpe_tokenizer
+    check_text_file(path)
+    cached = os.path.join(cache_folder(path), f"{file_hash(path)}.{encoding}.bpe{vocab_size}.tokenizer.json")
+    if os.path.exists(cached):
+        return Tokenizer.from_file(cached), True
+    if vocab_size < 258:
+        raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
+                        "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
+    tokenizer = train_bpe_tokenizer(read_chunks(path, encoding), vocab_size)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        _save_quietly(cached, tokenizer.to_str())
+    except OSError:
+        pass
+    return tokenizer, False
 
 
 def _cached_tokens(folder, key):

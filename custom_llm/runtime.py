@@ -132,6 +132,7 @@ class GGUFModel:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
         self.end_of_text = self.llm.token_eos()
         self.n_vocab = self.llm.n_vocab()
+        self.pieces = self._read_pieces()
 
     # Text <-> tokens. special=True: the literal "<|endoftext|>" is the end-of-text token,
     # as in the Python tokenizer.
@@ -139,10 +140,26 @@ class GGUFModel:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def token_bytes(self, token: int) -> bytes:
-        return self.llm.detokenize([token], special=True)
+        return self.pieces[token]
 
     def detokenize(self, tokens) -> str:
-        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", "replace")
+        return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
+
+    def _read_pieces(self) -> list:
+        """Every token's bytes, read once. (llama-cpp-python's own detokenize uses a 32-byte
+        buffer and silently cuts longer pieces, which BPE vocabularies have.)"""
+        import llama_cpp
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        pieces, size = [], 64
+        buffer = ctypes.create_string_buffer(size)
+        for token in range(self.n_vocab):
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+            if n < 0:  # too small: llama.cpp says how much it needs
+                size = -n
+                buffer = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+            pieces.append(buffer.raw[:n])
+        return pieces
 
     # Logits.
     def _last_logits(self) -> np.ndarray:

@@ -15,7 +15,7 @@ import json
 import os
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -108,6 +108,20 @@ def build_char_tokenizer(characters) -> Tokenizer:
     return tokenizer
 
 
+def train_bpe_tokenizer(texts, vocab_size: int, length: int = None) -> Tokenizer:
+    """A byte-level BPE trained on the given texts (an iterator of strings) up to vocab_size
+    tokens, with <|endoftext|> as its one special token: GPT-2's tokenizer, trained on your text."""
+    import sys
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    return tokenizer
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     from custom_llm.cli import UserError
     if not os.path.exists(path):
@@ -144,16 +158,18 @@ def decode(tokenizer: Tokenizer, ids) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def char_lookup_table(tokenizer: Tokenizer, missing: int = -1, dtype=np.int32) -> np.ndarray:
+def char_lookup_table(tokenizer: Tokenizer, missing: int = -1, dtype=np.int32):
     """code point -> token id for every character that is a single token (`missing` elsewhere),
-    so a text of such characters encodes with one numpy lookup instead of a tokenizer call."""
+    so a text encodes with one numpy lookup instead of a tokenizer call. None when the tokenizer
+    is not character level (a BPE token may span several characters)."""
     table = np.full(0x110000, missing, dtype=dtype)
     inverse = {symbol: index for index, symbol in enumerate(BYTE_SYMBOLS)}
     for token, index in tokenizer.get_vocab(with_added_tokens=False).items():
         try:
-            character = bytes(inverse[s] for s in token).decode("utf-8")
+            text = bytes(inverse[s] for s in token).decode("utf-8")
         except (KeyError, UnicodeDecodeError):
             continue  # a partial character
-        if len(character) == 1:
-            table[ord(character)] = index
+        if len(text) > 1:
+            return None
+        table[ord(text)] = index
     return table

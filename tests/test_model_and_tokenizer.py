@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from custom_llm.export import write_gguf
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import (BYTE_SYMBOLS, END_OF_TEXT, HARD_STRINGS, build_char_tokenizer, decode,
-                                  char_lookup_table, encode)
+                                  char_lookup_table, encode, train_bpe_tokenizer)
 from llm_model import GPTLanguageModel, count_parameters, fit_prompt, slide
 
 CONFIG = {"vocab_size": 300, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16, "dropout": 0.0}
@@ -111,12 +111,15 @@ def _tokenizer_for_property_tests():
 
 # ------------------------------------------------------ the same tokenizer in llama.cpp
 
-@pytest.fixture(scope="module", params=["mixed", "ascii-only"])
+@pytest.fixture(scope="module", params=["mixed", "ascii-only", "bpe"])
 def gguf_pair(request, tmp_path_factory):
-    """A random model's F32 GGUF with a tokenizer built from a text with multi-byte characters,
-    and one from an all-ASCII text (no merges of its own)."""
-    text = TRAINING_TEXT if request.param == "mixed" else "just plain ascii text, nothing else!\n"
-    tokenizer = build_char_tokenizer(sorted(set(text)))
+    """A random model's F32 GGUF with a character tokenizer built from a text with multi-byte
+    characters, one from an all-ASCII text (no merges of its own), and a trained BPE."""
+    if request.param == "bpe":
+        tokenizer = train_bpe_tokenizer(iter([TRAINING_TEXT, " ".join(HARD_STRINGS)]), 600)
+    else:
+        text = TRAINING_TEXT if request.param == "mixed" else "just plain ascii text, nothing else!\n"
+        tokenizer = build_char_tokenizer(sorted(set(text)))
     torch.manual_seed(0)
     model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
@@ -154,3 +157,14 @@ def test_f32_gguf_logits_match_pytorch(gguf_pair):
         expected = model(torch.tensor([ids]))[0][0].numpy()
     got = gguf_model.logits(ids)
     assert np.abs(got - expected).max() / np.abs(expected).max() < 2e-3
+
+
+def test_bpe_compresses_and_round_trips():
+    tokenizer = train_bpe_tokenizer(iter([TRAINING_TEXT]), 400)
+    assert 300 < tokenizer.get_vocab_size() <= 400
+    ids = encode(tokenizer, TRAINING_TEXT)
+    assert len(TRAINING_TEXT) / len(ids) > 2  # several characters per token on its own text
+    for text in HARD_STRINGS:
+        assert decode(tokenizer, encode(tokenizer, text)) == text
+    assert encode(tokenizer, END_OF_TEXT) == [tokenizer.token_to_id(END_OF_TEXT)]
+    assert char_lookup_table(tokenizer) is None  # not character level: no per-character shortcut

@@ -50,6 +50,17 @@ def test_chunked_preparation_equals_whole_text_encoding(tmp_path, monkeypatch):
     assert dataset.train.tolist() + dataset.val.tolist() == dataset.tokens.tolist()  # the last 10% is held out
 
 
+def test_chunked_bpe_encoding_equals_whole_text_encoding(tmp_path, monkeypatch):
+    from custom_llm.tokenizer import train_bpe_tokenizer
+    text = make_text(300) + "  indented\n\n\n   spaced   out\t\ttabs\n" * 20
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    tokenizer = train_bpe_tokenizer(iter([text]), 500)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 211)  # cuts land near whitespace runs
+    dataset = data.prepare_dataset(str(path), tokenizer=tokenizer)
+    assert dataset.tokens.tolist() == encode(tokenizer, text)
+
+
 def test_token_cache_is_used_and_invalidated(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(make_text(200), encoding="utf-8")
