@@ -53,32 +53,30 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- questions
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert, noun: str):
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
+        raise ValueError(f"{text!r} is not a {noun}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "whole number")
     if value <= 0:
         raise ValueError(f"{value} must be a positive whole number")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
+    value = _number(text, float, "number")
+    if not 0 < value < float("inf"):
         raise ValueError(f"{text} must be a positive number")
     return value
 
 
 def fraction(text: str) -> float:
     """A probability such as dropout: 0 <= value < 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
+    value = _number(text, float, "number")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{text} must be at least 0 and below 1")
     return value
