@@ -10,7 +10,6 @@ import re
 import subprocess
 
 import numpy as np
-import torch
 
 from custom_llm.cli import UserError, atomic_dir, atomic_path
 from custom_llm.runtime import llama_log

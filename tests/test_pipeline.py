@@ -1,13 +1,11 @@
 """The four stages end to end through their command lines, and what each one leaves behind."""
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, Terminal, one_line_error, run_script
+from conftest import TINY, Terminal, one_line_error, run_script
 
 from custom_llm.export import quantize, write_gguf
 from custom_llm.runtime import GGUFModel

@@ -19,7 +19,7 @@ from conftest import REPO, TINY, make_text, one_line_error, run_script
 import custom_llm.data as data
 from custom_llm.cli import UserError, atomic_path
 from custom_llm.tokenizer import build_char_tokenizer, encode, load_tokenizer
-from train_llm import learning_rate_at
+from custom_llm.training import learning_rate_at
 
 QUICK = ["--batch_size", "16", "--learning_rate", "0.003", "-y"]
 

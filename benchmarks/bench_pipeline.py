@@ -1,0 +1,88 @@
+"""The whole pipeline on a text, timed stage by stage, then each GGUF type against PyTorch.
+
+    python benchmarks/bench_pipeline.py [--text ../shared/data/tinyshakespeare.txt] [--max_steps 500]
+
+Runs the four scripts as a user would (small model: 4 layers, 4 heads, n_embd 128, block_size 64)
+and prints each stage's wall time. Then, for F32, F16, Q8_0, Q4_0 and Q4_K_M, quantizes with
+llama.cpp and prints tokenization agreement on the hard strings, next-token agreement and the
+largest relative logit error against the PyTorch model on held-out windows.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from convert_to_gguf import held_out_windows  # noqa: E402
+from custom_llm.export import quantize, write_gguf  # noqa: E402
+from custom_llm.runtime import GGUFModel  # noqa: E402
+from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer  # noqa: E402
+from llm_model import load_config, load_trained_model  # noqa: E402
+
+DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
+
+
+def stage(name, command, cwd):
+    started = time.time()
+    result = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    seconds = time.time() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-2000:]}")
+    print(f"{name:18}{seconds:8.1f} s")
+    return result.stdout
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", default=DEFAULT_TEXT)
+    parser.add_argument("--max_steps", type=int, default=500)
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        print(f"stage               wall time   (text: {args.text}, {args.max_steps} training steps)")
+        stage("1 llm_model.py", [os.path.join(REPO, "llm_model.py"), *MODEL, "-y"], folder)
+        stage("2 train_llm.py", [os.path.join(REPO, "train_llm.py"), "--dataset_path", args.text,
+                                 "--max_steps", str(args.max_steps), "--learning_rate", "0.003", "-y"], folder)
+        stage("3 convert_to_gguf", [os.path.join(REPO, "convert_to_gguf.py")], folder)
+        stage("4 inference_gguf", [os.path.join(REPO, "inference_gguf.py"), "--query", "ROMEO:",
+                                   "--max_tokens", "200", "--temperature", "0"], folder)
+
+        config = load_config(os.path.join(folder, "model_config.pth"))
+        model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
+        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
+        windows = held_out_windows(args.text, tokenizer, config["block_size"], count=16)
+        with torch.no_grad():
+            expected = [model(torch.tensor([w]))[0][0].numpy() for w in windows]
+        f32 = os.path.join(folder, "model.f32.gguf")
+        write_gguf(model, tokenizer, f32, "F32")
+        print(f"\n{'type':8}{'size':>10}{'tokenization':>14}{'next token':>12}{'max rel. logit error':>22}")
+        for quant_type in ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"):
+            path = os.path.join(folder, f"model.{quant_type}.gguf")
+            quantize(f32, path, quant_type)
+            gguf_model = GGUFModel(path, logits_all=True)
+            agree = sum(gguf_model.tokenize(s) == encode(tokenizer, s) for s in HARD_STRINGS)
+            same, total, worst = 0, 0, 0.0
+            for window, want in zip(windows, expected):
+                got = gguf_model.logits(window)
+                worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+                same += int((got.argmax(-1) == want.argmax(-1)).sum())
+                total += len(window)
+            print(f"{quant_type:8}{os.path.getsize(path) / 1024:9.0f}K{f'{agree}/{len(HARD_STRINGS)}':>14}"
+                  f"{100 * same / total:11.1f}%{worst:22.1e}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
