@@ -7,6 +7,7 @@ Greedy generation of the same tokens from the same prompt, timed for:
   transformers generate()   the exported hf_model/, KV cache on (what a user would otherwise run)
   PyTorch generate()        llm_model.py's own generate(), with its KV cache
   bare llama.cpp loop       Llama.eval one token at a time, no sampling, no text: the ceiling
+  bare llama_decode loop    the same through llama_decode and one reused batch (inference's path)
   inference_gguf            the script's own path (custom_llm.generation.stream: sampling,
                             detokenizing, streaming the text), at F32, F16, Q8_0 and Q4_0
 "In context" generates until the window is full (block_size tokens); "past context" goes on
@@ -154,6 +155,27 @@ def run_bare_loop(gguf, prompt_ids, tokens, block_size):
     return timing
 
 
+def run_bare_decode(gguf, prompt_ids, tokens, block_size):
+    """The same loop one level lower: llama_decode on one reused batch (what GGUFModel.generate
+    does), still without sampling or text. Shows what Llama.eval's own bookkeeping costs."""
+    import llama_cpp
+    from llm_model import slide
+    timing = Timing(block_size, len(prompt_ids))
+    window = list(prompt_ids)
+    gguf._decode_window(window)
+    batch, ctx = gguf._batch, gguf._ctx
+    for token in tokens:
+        timing.token()
+        grown = slide(window + [token], block_size)
+        if len(grown) == len(window) + 1:
+            batch.n_tokens, batch.token[0], batch.pos[0], batch.logits[0] = 1, token, len(window), True
+            llama_cpp.llama_decode(ctx, batch)
+        else:
+            gguf._decode_window(grown)
+        window = grown
+    return timing
+
+
 class StampingSampler(Sampler):
     """The greedy sampler, noting the time as each token is chosen."""
 
@@ -217,24 +239,28 @@ def main():
     rows, texts = [], {}
     sink = open(os.devnull, "w")
 
-    runs = [run_transformers(hf_model, prompt_ids, n_in, block_size) for _ in range(args.repeats)]
+    # Each path runs once untimed first (warm-up: allocations, caches, lazy initialization).
+    runs = [run_transformers(hf_model, prompt_ids, n_in, block_size) for _ in range(args.repeats + 1)][1:]
     texts["transformers"] = runs[0][1]
     rows.append(("transformers generate()", median(t.in_context() for t, _ in runs),
                  median(t.ttft for t, _ in runs), None))
 
-    runs = [run_pytorch_rates(model, prompt_ids, n_in, n_long) for _ in range(args.repeats)]
+    runs = [run_pytorch_rates(model, prompt_ids, n_in, n_long) for _ in range(args.repeats + 1)][1:]
     texts["pytorch"] = model.generate(torch.tensor([prompt_ids]), n_in, temperature=0)[0, len(prompt_ids):].tolist()
     rows.append(("PyTorch generate() (KV cache)", median(r[1] for r in runs), median(r[0] for r in runs),
                  median(r[2] for r in runs)))
 
     for kind in TYPES:
         gguf = GGUFModel(os.path.join(folder, f"bench.{kind}.gguf"), n_threads=args.threads)
-        inference = [run_inference(gguf, args.prompt, n_long, block_size, sink) for _ in range(args.repeats)]
+        inference = [run_inference(gguf, args.prompt, n_long, block_size, sink)
+                     for _ in range(args.repeats + 1)][1:]
         tokens = inference[0][1]
-        bare = [run_bare_loop(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats)]
+        bare = [run_bare_loop(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
+        lower = [run_bare_decode(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
         if kind == "F32":
             texts["F32"] = tokens[:n_in]
         for name, timings in ((f"bare llama.cpp loop {kind}", bare),
+                              (f"bare llama_decode loop {kind}", lower),
                               (f"inference_gguf {kind}", [t for t, _ in inference])):
             rows.append((name, median(t.in_context() for t in timings), median(t.ttft for t in timings),
                          median(t.past_context() for t in timings)))

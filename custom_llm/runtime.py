@@ -134,6 +134,7 @@ class GGUFModel:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
         self.end_of_text = self.llm.token_eos()
         self.n_vocab = self.llm.n_vocab()
+        self._pieces = {}
         # generate() talks to llama.cpp directly through one reusable batch: Llama.eval would
         # rebuild the batch in Python and bookkeep tokens for every new token.
         import llama_cpp
@@ -152,7 +153,10 @@ class GGUFModel:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def token_bytes(self, token: int) -> bytes:
-        return self.llm.detokenize([token], special=True)
+        piece = self._pieces.get(token)
+        if piece is None:   # detokenizing costs microseconds; generation asks for each token's bytes
+            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
+        return piece
 
     def detokenize(self, tokens) -> str:
         return self.llm.detokenize(list(tokens), special=True).decode("utf-8", "replace")
@@ -199,8 +203,8 @@ class GGUFModel:
             if token == self.end_of_text or produced == max_new_tokens - 1:
                 return
             if len(window) < self.block_size:
-                # Room left: one more position. The batch already holds one token with its
-                # logits flag set; only the token and its position change (the per-token path).
+                # Room left: one more position (the per-token path: a few ctypes stores and one
+                # llama_decode call; no Python loop, no copy of the logits).
                 window.append(token)
                 batch.n_tokens = 1
                 batch.token[0] = token
