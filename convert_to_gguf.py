@@ -180,7 +180,8 @@ def main():
         raise UserError("; ".join(failures))
     if show_report:
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
-    print(f"Done. Try it: python inference_gguf.py --gguf_path {quantized[quant_types[-1]]} --query \"Hello\"")
+    suggested = quantized.get("Q4_0", quantized[quant_types[0]])
+    print(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
 
 
 def report_written(path, quant_type, fallbacks, config):

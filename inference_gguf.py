@@ -94,7 +94,7 @@ def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json:
         try:
             generate_and_print(model, prompt, settings, sampler, as_json)
         except KeyboardInterrupt:     # Ctrl-C outside the token loop (e.g. while printing)
-            say("\n[stopped]")
+            say("\n[interrupted]")
 
 
 def run_command(text: str, settings: Settings):

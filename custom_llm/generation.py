@@ -128,13 +128,17 @@ KNOBS = [
 KNOB_BY_COMMAND = {k.command: k for k in KNOBS}
 
 
+def _metavar(knob) -> str:
+    return "STR" if knob.name == "stop" else "N" if knob.parse in (_positive_int, _seed) else "F"
+
+
 def add_setting_flags(parser, defaults: Settings) -> None:
     """One flag per knob, parsed as text and checked by check_flags (uniform one-line errors)."""
     for knob in KNOBS:
         if knob.name == "stop":
             parser.add_argument("--stop", action="append", default=[], metavar="STR", help=knob.help)
         else:
-            parser.add_argument(f"--{knob.name}", default=None, metavar="N",
+            parser.add_argument(f"--{knob.name}", default=None, metavar=_metavar(knob),
                                 help=f"{knob.help} (default: {getattr(defaults, knob.name)})")
 
 
@@ -184,7 +188,7 @@ def describe(settings: Settings) -> str:
 
 
 def command_help() -> str:
-    lines = [f"  /{k.command} {'STR' if k.name == 'stop' else 'VALUE'}".ljust(26) + k.help
+    lines = [f"  /{k.command} {_metavar(k)}".ljust(26) + k.help
              + (" ('off' to turn off)" if k.can_be_off else "") for k in KNOBS]
     lines += ["  /stop".ljust(26) + "clear the stop strings",
               "  /settings".ljust(26) + "show the current settings",

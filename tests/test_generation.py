@@ -31,6 +31,15 @@ def generate_json(folder, *args, input=None):
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def prompt_after(term, text):
+    """Wait for text, then for the next "> " prompt (keys typed before readline is listening
+    again can be lost)."""
+    term.read_until(text)
+    start = term.output.index(text)
+    while "> " not in term.output[start:]:
+        read_until_grown(term, len(term.output) + 1)
+
+
 def read_until_grown(term, length, timeout=60):
     """Collect what the terminal shows until it holds `length` characters."""
     deadline = time.time() + timeout
@@ -57,16 +66,16 @@ def test_prompt_loop_commands_ctrl_c_and_ctrl_d(trained):
     term.read_until("temp 0.0, top_k None")
     term.send("/max 10000000\n")              # long enough to be interrupted
     term.read_until("max_tokens = 10000000")
+    sent_at = len(term.output)
     term.send("Hello there\n")
-    while term.output.count("Hello there") < 2:  # the typed line, then the prompt as printed
-        read_until_grown(term, len(term.output) + 1)
-    read_until_grown(term, len(term.output) + 5)   # the text streams as it is generated
+    # The echoed line, the prompt as printed, then text streaming as it is generated.
+    read_until_grown(term, sent_at + 100)
     term.send("\x03")                         # Ctrl-C: stops the generation...
-    term.read_until("ended by interrupted")
+    prompt_after(term, "interrupted")
     term.send("/max 5\n")                     # ...and the loop goes on
-    term.read_until("max_tokens = 5")
+    prompt_after(term, "max_tokens = 5")
     term.send("Again\n")
-    term.read_until("; 5 tokens at")
+    prompt_after(term, "; 5 tokens at")
     term.send("\x04")                         # Ctrl-D ends the loop
     assert term.wait() == 0
 
