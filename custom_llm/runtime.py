@@ -132,9 +132,6 @@ class GGUFModel:
         self.block_size = self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
-        self.end_of_text = self.llm.token_eos()
-        self.n_vocab = self.llm.n_vocab()
-        self._pieces = {}
         # generate() talks to llama.cpp directly through one reusable batch: Llama.eval would
         # rebuild the batch in Python and bookkeep tokens for every new token.
         import llama_cpp
@@ -146,6 +143,8 @@ class GGUFModel:
         for i in range(self.block_size):
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
+        self.end_of_text = self.llm.token_eos()
+        self.n_vocab = self.llm.n_vocab()
 
     # Text <-> tokens. special=True: the literal "<|endoftext|>" is the end-of-text token,
     # as in the Python tokenizer.
@@ -153,10 +152,7 @@ class GGUFModel:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def token_bytes(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:   # detokenizing costs microseconds; generation asks for each token's bytes
-            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
-        return piece
+        return self.llm.detokenize([token], special=True)
 
     def detokenize(self, tokens) -> str:
         return self.llm.detokenize(list(tokens), special=True).decode("utf-8", "replace")
