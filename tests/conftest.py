@@ -83,11 +83,12 @@ class Terminal:
         if pid == 0:  # child
             os.chdir(cwd)
             os.execv(sys.executable, [sys.executable, str(REPO / script), *map(str, args)])
-        self.pid, self.fd, self.output = pid, fd, ""
+        self.pid, self.fd, self.output, self.matched = pid, fd, "", 0
 
     def read_until(self, text, timeout=60):
+        """Wait for text to appear in output not yet matched by an earlier read_until."""
         deadline = time.time() + timeout
-        while text not in self.output:
+        while text not in self.output[self.matched:]:
             if time.time() > deadline:
                 raise AssertionError(f"did not see {text!r} in:\n{self.output}")
             ready, _, _ = select.select([self.fd], [], [], 0.2)
@@ -96,6 +97,7 @@ class Terminal:
                     self.output += os.read(self.fd, 4096).decode("utf-8", "replace")
                 except OSError:
                     break
+        self.matched += self.output[self.matched:].index(text) + len(text)
         return self.output
 
     def send(self, text):
