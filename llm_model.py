@@ -142,20 +142,54 @@ class GPTLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Continue each sequence in idx (B, T) by max_new_tokens tokens, following the
-        context rule above. temperature 0 is greedy."""
+        context rule above. temperature 0 is greedy. Keys and values of the window are cached,
+        so each new token costs one position, not a pass over the whole window."""
         was_training = self.training
         self.eval()
         out = idx
         windows = [fit_prompt(row.tolist(), self.block_size) for row in idx]
-        for _ in range(max_new_tokens):
-            # Windows of one batch always have equal lengths, as they slide in step.
-            window = torch.tensor(windows, dtype=torch.long, device=idx.device)
-            logits = self(window)[0][:, -1, :].float()
+        cache = []
+        logits = self._forward_cached(torch.tensor(windows, dtype=torch.long, device=idx.device), cache)
+        for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k)
             out = torch.cat((out, next_token), dim=1)
-            windows = [slide(w + [t], self.block_size) for w, t in zip(windows, next_token[:, 0].tolist())]
+            if step == max_new_tokens - 1:
+                break
+            # Windows of one batch always have equal lengths, as they slide in step.
+            grown = [slide(w + [t], self.block_size) for w, t in zip(windows, next_token[:, 0].tolist())]
+            if len(grown[0]) == len(windows[0]) + 1:
+                logits = self._forward_cached(next_token, cache)   # room left: one more position
+            else:
+                # The kept half moves to positions 0.. : its cached keys (made at other
+                # positions) no longer apply, so it is encoded again from scratch.
+                cache = []
+                logits = self._forward_cached(torch.tensor(grown, dtype=torch.long, device=idx.device), cache)
+            windows = grown
         self.train(was_training)
         return out
+
+    def _forward_cached(self, idx, cache: list):
+        """Last-position logits (B, vocab) of idx (B, T), which continues the tokens whose keys
+        and values are in cache (one (k, v) pair per layer; an empty list to start); appends
+        idx's keys and values to cache. Either a window from position 0, or one token at a time."""
+        B, T = idx.shape
+        past = cache[0][0].size(2) if cache else 0
+        assert past == 0 or T == 1, "a cached forward takes a fresh window or a single token"
+        x = self.wte(idx) + self.wpe(torch.arange(past, past + T, device=idx.device))
+        for layer, block in enumerate(self.h):
+            attn, C = block.attn, x.size(-1)
+            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+            if past:
+                k, v = torch.cat((cache[layer][0], k), dim=2), torch.cat((cache[layer][1], v), dim=2)
+                cache[layer] = (k, v)
+            else:
+                cache.append((k, v))
+            # A single new token may attend to every cached position: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            x = x + attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        return self.lm_head(self.ln_f(x[:, -1, :])).float()
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

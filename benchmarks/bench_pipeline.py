@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from convert_to_gguf import held_out_windows  # noqa: E402
+from custom_llm.data import prepare_dataset  # noqa: E402
 from custom_llm.export import quantize, write_gguf  # noqa: E402
 from custom_llm.runtime import GGUFModel  # noqa: E402
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer  # noqa: E402
@@ -61,7 +62,8 @@ def main():
         config = load_config(os.path.join(folder, "model_config.pth"))
         model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
-        windows = held_out_windows(args.text, tokenizer, config["block_size"], count=16)
+        held_out = prepare_dataset(args.text, tokenizer=tokenizer).val.tolist()
+        windows = held_out_windows(held_out, config["block_size"], count=16)
         with torch.no_grad():
             expected = [model(torch.tensor([w]))[0][0].numpy() for w in windows]
         f32 = os.path.join(folder, "model.f32.gguf")

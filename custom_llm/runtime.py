@@ -7,6 +7,7 @@ import ctypes
 import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -122,7 +123,8 @@ class GGUFModel:
             try:
                 self.llm = Llama(model_path=path, n_ctx=0, n_batch=512, logits_all=logits_all,
                                  n_gpu_layers=-1 if use_gpu else 0, verbose=False,
-                                 n_threads=n_threads or os.cpu_count(), n_threads_batch=os.cpu_count())
+                                 n_threads=n_threads or os.cpu_count(),
+                                 n_threads_batch=n_threads or os.cpu_count())
             except Exception:
                 said = [line.strip() for line in llama_log.since(mark) if line.strip()]
                 raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
@@ -130,6 +132,17 @@ class GGUFModel:
         self.block_size = self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
+        # generate() talks to llama.cpp directly through one reusable batch: Llama.eval would
+        # rebuild the batch in Python and bookkeep tokens for every new token.
+        import llama_cpp
+        self._c = llama_cpp
+        self._ctx = self.llm._ctx.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.block_size, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        for i in range(self.block_size):
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
         self.end_of_text = self.llm.token_eos()
         self.n_vocab = self.llm.n_vocab()
         self.pieces = self._read_pieces()
@@ -162,9 +175,6 @@ class GGUFModel:
         return pieces
 
     # Logits.
-    def _last_logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
-
     def logits(self, tokens) -> np.ndarray:
         """(len(tokens), vocab) logits for a window of at most block_size tokens; needs logits_all."""
         if len(tokens) > self.block_size:
@@ -173,47 +183,50 @@ class GGUFModel:
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[:len(tokens)], dtype=np.float32)
 
+    def _decode(self, tokens, first_position: int) -> np.ndarray:
+        """Evaluate tokens at positions first_position..; return the last one's logits as a
+        view into llama.cpp's buffer (valid until the next decode)."""
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = first_position + i
+            batch.logits[i] = False
+        batch.logits[len(tokens) - 1] = True
+        status = self._c.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        return np.ctypeslib.as_array(self._c.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+
+    def _decode_window(self, window) -> np.ndarray:
+        self._c.llama_memory_clear(self._memory, True)  # positions restart at 0
+        return self._decode(window, 0)
+
     def generate(self, prompt_tokens, max_new_tokens: int, pick_next):
-        """Yield new tokens one by one. pick_next(logits) -> token. Stops at <|endoftext|>.
-        An empty prompt starts from <|endoftext|>, as GPT-2 does."""
+        """Yield new tokens one by one. pick_next(logits) -> token, where logits is a read-only
+        view. Stops at <|endoftext|>. An empty prompt starts from <|endoftext|>, as GPT-2 does.
+        Follows the context rule (llm_model.py): no position ever reaches block_size, which
+        would abort the whole process inside llama.cpp."""
         window = fit_prompt(prompt_tokens or [self.end_of_text], self.block_size)
-        self.llm.reset()
-        self.llm.eval(window)
+        logits = self._decode_window(window)
+        batch, decode, get_logits = self._batch, self._c.llama_decode, self._c.llama_get_logits_ith
         for produced in range(max_new_tokens):
-            token = int(pick_next(self._last_logits()))
+            token = int(pick_next(logits))
             yield token
             if token == self.end_of_text or produced == max_new_tokens - 1:
                 return
-            grown = slide(window + [token], self.block_size)
-            if len(grown) == len(window) + 1:
-                self.llm.eval([token])          # room left: one more position
+            if len(window) < self.block_size:
+                # Room left: one more position (the per-token path: a few ctypes stores and one
+                # llama_decode call; no Python loop, no copy of the logits).
+                window.append(token)
+                batch.n_tokens = 1
+                batch.token[0] = token
+                batch.pos[0] = len(window) - 1
+                batch.logits[0] = True
+                status = decode(self._ctx, batch)
+                if status != 0:
+                    raise RuntimeError(f"llama_decode returned {status}")
+                logits = np.ctypeslib.as_array(get_logits(self._ctx, -1), shape=(self.n_vocab,))
             else:
-                self.llm.reset()                # window full: re-read the kept half
-                self.llm.eval(grown)
-            window = grown
-
-
-class Sampler:
-    """temperature (0 = greedy), top-k, top-p, with its own seeded random generator."""
-
-    def __init__(self, temperature=0.8, top_k=None, top_p=None, seed=None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / self.temperature
-        if self.top_k:
-            kth = np.partition(scaled, -min(self.top_k, len(scaled)))[-min(self.top_k, len(scaled))]
-            scaled[scaled < kth] = -np.inf
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        if self.top_p is not None and self.top_p < 1.0:
-            order = np.argsort(-probs)
-            cumulative = np.cumsum(probs[order])
-            cut = int(np.searchsorted(cumulative, self.top_p)) + 1  # smallest set reaching top_p
-            keep = np.zeros_like(probs)
-            keep[order[:cut]] = probs[order[:cut]]
-            probs = keep / keep.sum()
-        return int(self.rng.choice(len(probs), p=probs))
+                window = slide(window + [token], self.block_size)  # full: re-read the kept half
+                logits = self._decode_window(window)

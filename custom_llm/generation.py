@@ -1,0 +1,358 @@
+"""Generation settings, sampling, stop strings and the streamed generation itself: what
+inference_gguf.py's flags, its /commands and the benchmark share."""
+
+import codecs
+import collections
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.8        # 0: greedy (argmax)
+    top_k: Optional[int] = None     # keep the k likeliest tokens
+    top_p: Optional[float] = None   # keep the smallest set whose probability reaches top_p
+    min_p: Optional[float] = None   # keep tokens at least min_p times as likely as the likeliest
+    repeat_penalty: float = 1.0     # 1: off; above 1 makes recently seen tokens less likely
+    repeat_last_n: int = 64         # how many recent tokens (prompt included) the penalty sees
+    max_tokens: int = 100
+    seed: Optional[int] = None      # same seed and settings: same text, every generation
+    stop: list = field(default_factory=list)  # text ends before the first of these
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{text} must be a finite number")
+    return value
+
+
+def _temperature(text):
+    value = _number(text, float)
+    if value < 0:
+        raise ValueError(f"{text} must be 0 (greedy) or more")
+    return value
+
+
+def _positive_int(text):
+    value = _number(text, int)
+    if value <= 0:
+        raise ValueError(f"{text} must be a positive whole number")
+    return value
+
+
+def _top_p(text):
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise ValueError(f"{text} must be above 0 and at most 1")
+    return value
+
+
+def _min_p(text):
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{text} must be between 0 and 1")
+    return value
+
+
+def _penalty(text):
+    value = _number(text, float)
+    if value <= 0:
+        raise ValueError(f"{text} must be above 0 (1 is off, 1.1 to 1.3 is usual)")
+    return value
+
+
+def _seed(text):
+    value = _number(text, int)
+    if not 0 <= value < 2 ** 63:
+        raise ValueError(f"{text} must be a whole number from 0 to 2**63 - 1")
+    return value
+
+
+def unescape(text: str) -> str:
+    r"""Stop strings may hold \n (newline), \t (tab) and \\ (backslash), typed as such."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _stop(text):
+    value = unescape(text)
+    if not value:
+        raise ValueError("a stop string cannot be empty")
+    return value
+
+
+@dataclass
+class Knob:
+    """One setting as a command-line flag and as a /command in the prompt loop."""
+    name: str                        # Settings field and --flag
+    command: str                     # /command
+    parse: Callable[[str], object]   # raises ValueError(reason)
+    help: str
+    can_be_off: bool = False         # `/command off` turns it off (None)
+
+
+KNOBS = [
+    Knob("temperature", "temp", _temperature, "sampling temperature; 0 is greedy"),
+    Knob("top_k", "top_k", _positive_int, "keep the N likeliest tokens", can_be_off=True),
+    Knob("top_p", "top_p", _top_p, "keep the likeliest tokens up to probability F", can_be_off=True),
+    Knob("min_p", "min_p", _min_p, "drop tokens below F times the likeliest one's probability",
+         can_be_off=True),
+    Knob("repeat_penalty", "repeat_penalty", _penalty,
+         "divide the odds of recently seen tokens by F (1 is off)"),
+    Knob("repeat_last_n", "repeat_last_n", _positive_int, "how many recent tokens the penalty sees"),
+    Knob("max_tokens", "max", _positive_int, "tokens to generate at most"),
+    Knob("seed", "seed", _seed, "same seed and settings give the same text", can_be_off=True),
+    Knob("stop", "stop", _stop, r"end the text before STR (\n for a newline); repeatable"),
+]
+KNOB_BY_COMMAND = {k.command: k for k in KNOBS}
+
+
+def _metavar(knob) -> str:
+    return "STR" if knob.name == "stop" else "N" if knob.parse in (_positive_int, _seed) else "F"
+
+
+def add_setting_flags(parser, defaults: Settings) -> None:
+    """One flag per knob, parsed as text and checked by check_flags (uniform one-line errors)."""
+    for knob in KNOBS:
+        if knob.name == "stop":
+            parser.add_argument("--stop", action="append", default=[], metavar="STR", help=knob.help)
+        else:
+            parser.add_argument(f"--{knob.name}", default=None, metavar=_metavar(knob),
+                                help=f"{knob.help} (default: {getattr(defaults, knob.name)})")
+
+
+def settings_from_flags(args, defaults: Settings) -> Settings:
+    """Settings from parsed flags; a bad value raises ValueError('--flag: reason')."""
+    settings = dataclasses.replace(defaults, stop=list(defaults.stop))
+    for knob in KNOBS:
+        given = getattr(args, knob.name)
+        try:
+            if knob.name == "stop":
+                settings.stop = [knob.parse(s) for s in given]
+            elif given is not None:
+                setattr(settings, knob.name, knob.parse(given))
+        except ValueError as reason:
+            raise ValueError(f"--{knob.name}: {reason}") from None
+    return settings
+
+
+def apply_command(settings: Settings, command: str, argument: str) -> str:
+    """Change one setting from a /command; returns what changed, raises ValueError(reason)."""
+    knob = KNOB_BY_COMMAND.get(command)
+    if knob is None:
+        raise ValueError(f"unknown command /{command}; /help lists the commands")
+    argument = argument.strip()
+    if knob.name == "stop":
+        if not argument:
+            settings.stop = []
+            return "stop strings cleared"
+        settings.stop.append(knob.parse(argument))
+        return f"stop strings: {', '.join(map(repr, settings.stop))}"
+    if not argument:
+        raise ValueError(f"/{command} needs a value: {knob.help}")
+    if argument.lower() == "off" and knob.can_be_off:
+        setattr(settings, knob.name, None)
+        return f"{knob.name} off"
+    try:
+        setattr(settings, knob.name, knob.parse(argument))
+    except ValueError as reason:
+        raise ValueError(f"/{command}: {reason}") from None
+    return f"{knob.name} = {getattr(settings, knob.name)}"
+
+
+def describe(settings: Settings) -> str:
+    parts = [f"{k.command} {getattr(settings, k.name)!r}" if k.name == "stop"
+             else f"{k.command} {getattr(settings, k.name)}" for k in KNOBS]
+    return ", ".join(parts)
+
+
+def command_help() -> str:
+    lines = [f"  /{k.command} {_metavar(k)}".ljust(26) + k.help
+             + (" ('off' to turn off)" if k.can_be_off else "") for k in KNOBS]
+    lines += ["  /stop".ljust(26) + "clear the stop strings",
+              "  /settings".ljust(26) + "show the current settings",
+              "  /help".ljust(26) + "this list",
+              "  /quit".ljust(26) + "leave (so do Ctrl-D and an empty line)",
+              "Ctrl-C stops a generation; a prompt starting with / is sent as text when written //."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+class Sampler:
+    """Picks the next token from logits: repeat penalty, then temperature, top-k, top-p,
+    min-p, in that order. With a seed, every generation starts from that seed again."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.start([])
+
+    def start(self, prompt_tokens) -> None:
+        s = self.settings
+        self.rng = np.random.default_rng(s.seed)
+        self.recent = collections.deque(prompt_tokens[-s.repeat_last_n:], maxlen=s.repeat_last_n)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        s = self.settings
+        if s.repeat_penalty != 1.0 and self.recent:
+            logits = penalize(logits, self.recent, s.repeat_penalty)
+        if s.temperature == 0:
+            token = int(np.argmax(logits))   # greedy: exactly the argmax, nothing else
+        else:
+            probs = filtered_probabilities(logits, s.temperature, s.top_k, s.top_p, s.min_p)
+            # Inverse CDF with one uniform draw per token: reproducible and cheap.
+            cumulative = np.cumsum(probs)
+            token = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+            token = min(token, len(probs) - 1)
+        self.recent.append(token)
+        return token
+
+
+def penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
+    """The repeat penalty as in CTRL and llama.cpp: a seen token's positive logit is divided by
+    the penalty, a negative one multiplied, so its odds always drop (for penalty > 1)."""
+    seen = np.fromiter(set(recent), dtype=np.int64)
+    out = np.array(logits, dtype=np.float32)
+    values = out[seen]
+    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
+def filtered_probabilities(logits, temperature, top_k=None, top_p=None, min_p=None) -> np.ndarray:
+    """Probabilities after temperature and the top-k, top-p and min-p filters (not renormalized:
+    the caller draws against their sum)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k and top_k < len(scaled):
+        kth = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        cut = int(np.searchsorted(cumulative, top_p * cumulative[-1])) + 1  # smallest set reaching top_p
+        keep = np.zeros_like(probs)
+        keep[order[:cut]] = probs[order[:cut]]
+        probs = keep
+    if min_p:
+        probs = np.where(probs >= min_p * probs.max(), probs, 0.0)
+    return probs
+
+
+# ------------------------------------------------------------------------- stop strings
+
+class StopStrings:
+    """Streamed text passes through; it ends before the first stop string, which is never shown.
+    The tail that might still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = None
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        found = [(i, s) for s in self.stops for i in [self.pending.find(s)] if i >= 0]
+        if found:
+            cut, self.hit = min(found)
+            ready, self.pending = self.pending[:cut], ""
+            return ready
+        # Hold the longest tail that is the start of some stop string.
+        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:n])), default=0)
+        ready, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return ready
+
+    def flush(self) -> str:
+        ready, self.pending = self.pending, ""
+        return ready
+
+
+# ---------------------------------------------------------------------------- generation
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    n_prompt_tokens: int = 0
+    stop_reason: str = "max_tokens"     # max_tokens, end_of_text, stop_string, interrupted
+    time_to_first_token_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None   # after the first token (the decode speed)
+    total_s: float = 0.0
+
+    def as_dict(self, settings: Settings) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "tokens": self.tokens,
+                "n_prompt_tokens": self.n_prompt_tokens, "n_tokens": len(self.tokens),
+                "timings": {"time_to_first_token_s": self.time_to_first_token_s,
+                            "tokens_per_s": self.tokens_per_s, "total_s": self.total_s},
+                "settings": settings.as_dict(), "stop_reason": self.stop_reason}
+
+
+def stream(model, prompt: str, settings: Settings, sampler: Sampler, on_text=None) -> Generation:
+    """Generate from prompt with model (a GGUFModel), calling on_text(piece) as text becomes
+    final. Ctrl-C ends the generation (stop_reason 'interrupted') instead of the program."""
+    result = Generation(prompt)
+    prompt_tokens = model.tokenize(prompt)
+    result.n_prompt_tokens = len(prompt_tokens)
+    sampler.start(prompt_tokens)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may split a character
+    stops = StopStrings(settings.stop)
+    pieces = []
+
+    def emit(text):
+        if text:
+            pieces.append(text)
+            if on_text:
+                on_text(text)
+
+    started = time.perf_counter()
+    first = last = None
+    n_yielded = 0
+    try:
+        for token in model.generate(prompt_tokens, settings.max_tokens, sampler):
+            last = time.perf_counter()
+            first = first or last
+            n_yielded += 1
+            if token == model.end_of_text:
+                result.stop_reason = "end_of_text"
+                break
+            result.tokens.append(token)
+            emit(stops.feed(decoder.decode(model.token_bytes(token))))
+            if stops.hit is not None:
+                result.stop_reason = "stop_string"
+                break
+    except KeyboardInterrupt:
+        result.stop_reason = "interrupted"
+    if stops.hit is None:
+        emit(stops.feed(decoder.decode(b"", final=True)))
+        emit(stops.flush())
+    result.total_s = time.perf_counter() - started
+    result.text = "".join(pieces)
+    if first is not None:
+        result.time_to_first_token_s = first - started
+        if n_yielded > 1:
+            result.tokens_per_s = (n_yielded - 1) / (last - first)
+    return result
