@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from custom_llm.cli import (ArgumentParser, Question, UserError, add_question_flags, ask, atomic_path,
-                            check_writable, existing_file, positive_float, positive_int, run)
+                            check_writable, existing_file, positive_float, positive_int,
+                            remove_stale_temporaries, run)
 from custom_llm.data import (bpe_tokenizer_for, check_split, get_batch, prepare_dataset, random_offsets,
                              tokenizer_hash)
 from custom_llm.default_text import build_default_text
@@ -107,8 +108,10 @@ def train(args, processes):
     config = load_config(args.config_path)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
     if processes.is_main:
-        for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path):
+        for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path,
+                     args.config_path):
             check_writable(path)
+            remove_stale_temporaries(path)  # left by a run that was killed while writing
         if checkpoint:
             plan = checkpoint["plan"]
             print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")

@@ -211,6 +211,23 @@ def check_writable(path: str) -> None:
         raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})", 2) from None
 
 
+def remove_stale_temporaries(path: str) -> None:
+    """Delete what a killed run left of its atomic writes to path (its temporary siblings); the
+    file itself is whole either way. Only the run about to write path again should call this."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from custom_llm.cli import UserError, atomic_path
+from custom_llm.cli import UserError, atomic_path, remove_stale_temporaries
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, char_lookup_table, encode
 
 VALIDATION_FRACTION = 0.1          # the last 10% of the tokens is held out
@@ -225,6 +225,7 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
     n_tokens, n_characters = 0, 0
     # Written whole under a provisional name, then renamed once the tokenizer (part of the key) is known.
     provisional = os.path.join(folder, f"{text_hash}.partial.tokens")
+    remove_stale_temporaries(provisional)
     with atomic_path(provisional) as tmp:
         with open(tmp, "wb") as out:
             for texts in _groups(read_chunks(path, encoding), 16):

@@ -274,9 +274,12 @@ class StopStrings:
         if not self.stops:
             return text
         self.pending += text
-        found = [(i, s) for s in self.stops for i in [self.pending.find(s)] if i >= 0]
+        # The stop string completed first wins (of those ending together, the one starting first),
+        # as if the text had arrived one character at a time: the result must not depend on how
+        # the text was split into tokens.
+        found = [(i + len(s), i, s) for s in self.stops for i in [self.pending.find(s)] if i >= 0]
         if found:
-            cut, self.hit = min(found)
+            _, cut, self.hit = min(found)
             ready, self.pending = self.pending[:cut], ""
             return ready
         # Hold the longest tail that is the start of some stop string.
