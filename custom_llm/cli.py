@@ -2,6 +2,7 @@
 one-line errors instead of tracebacks, and files that are never left half-written."""
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -53,22 +54,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- questions
 
-def _number(text: str, convert, noun: str):
+def parse_number(text: str, kind=float):
+    """int or float from text, or ValueError with a reason a user can read."""
     try:
-        return convert(text)
+        value = kind(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a {noun}") from None
+        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{text} must be a finite number")
+    return value
 
 
 def positive_int(text: str) -> int:
-    value = _number(text, int, "whole number")
+    value = parse_number(text, int)
     if value <= 0:
         raise ValueError(f"{value} must be a positive whole number")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = _number(text, float, "number")
+    value = parse_number(text, float)
     if not 0 < value < float("inf"):
         raise ValueError(f"{text} must be a positive number")
     return value
@@ -76,7 +81,7 @@ def positive_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     """A probability such as dropout: 0 <= value < 1."""
-    value = _number(text, float, "number")
+    value = parse_number(text, float)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{text} must be at least 0 and below 1")
     return value

@@ -4,12 +4,13 @@ inference_gguf.py's flags, its /commands and the benchmark share."""
 import codecs
 import collections
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+
+from custom_llm.cli import parse_number, positive_int
 
 # ------------------------------------------------------------------------------ settings
 
@@ -30,53 +31,36 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def _number(text, kind):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"{text} must be a finite number")
-    return value
-
-
 def _temperature(text):
-    value = _number(text, float)
+    value = parse_number(text, float)
     if value < 0:
         raise ValueError(f"{text} must be 0 (greedy) or more")
     return value
 
 
-def _positive_int(text):
-    value = _number(text, int)
-    if value <= 0:
-        raise ValueError(f"{text} must be a positive whole number")
-    return value
-
-
 def _top_p(text):
-    value = _number(text, float)
+    value = parse_number(text, float)
     if not 0 < value <= 1:
         raise ValueError(f"{text} must be above 0 and at most 1")
     return value
 
 
 def _min_p(text):
-    value = _number(text, float)
+    value = parse_number(text, float)
     if not 0 <= value <= 1:
         raise ValueError(f"{text} must be between 0 and 1")
     return value
 
 
 def _penalty(text):
-    value = _number(text, float)
+    value = parse_number(text, float)
     if value <= 0:
         raise ValueError(f"{text} must be above 0 (1 is off, 1.1 to 1.3 is usual)")
     return value
 
 
 def _seed(text):
-    value = _number(text, int)
+    value = parse_number(text, int)
     if not 0 <= value < 2 ** 63:
         raise ValueError(f"{text} must be a whole number from 0 to 2**63 - 1")
     return value
@@ -114,14 +98,14 @@ class Knob:
 
 KNOBS = [
     Knob("temperature", "temp", _temperature, "sampling temperature; 0 is greedy"),
-    Knob("top_k", "top_k", _positive_int, "keep the N likeliest tokens", can_be_off=True),
+    Knob("top_k", "top_k", positive_int, "keep the N likeliest tokens", can_be_off=True),
     Knob("top_p", "top_p", _top_p, "keep the likeliest tokens up to probability F", can_be_off=True),
     Knob("min_p", "min_p", _min_p, "drop tokens below F times the likeliest one's probability",
          can_be_off=True),
     Knob("repeat_penalty", "repeat_penalty", _penalty,
          "divide the odds of recently seen tokens by F (1 is off)"),
-    Knob("repeat_last_n", "repeat_last_n", _positive_int, "how many recent tokens the penalty sees"),
-    Knob("max_tokens", "max", _positive_int, "tokens to generate at most"),
+    Knob("repeat_last_n", "repeat_last_n", positive_int, "how many recent tokens the penalty sees"),
+    Knob("max_tokens", "max", positive_int, "tokens to generate at most"),
     Knob("seed", "seed", _seed, "same seed and settings give the same text", can_be_off=True),
     Knob("stop", "stop", _stop, r"end the text before STR (\n for a newline); repeatable"),
 ]
@@ -129,7 +113,7 @@ KNOB_BY_COMMAND = {k.command: k for k in KNOBS}
 
 
 def _metavar(knob) -> str:
-    return "STR" if knob.name == "stop" else "N" if knob.parse in (_positive_int, _seed) else "F"
+    return "STR" if knob.name == "stop" else "N" if knob.parse in (positive_int, _seed) else "F"
 
 
 def add_setting_flags(parser, defaults: Settings) -> None:
