@@ -16,17 +16,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from convert_to_gguf import held_out_windows  # noqa: E402
+from convert_to_gguf import check_gguf_file, held_out_windows  # noqa: E402
 from custom_llm.data import prepare_dataset  # noqa: E402
 from custom_llm.export import quantize, write_gguf  # noqa: E402
-from custom_llm.runtime import GGUFModel  # noqa: E402
-from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer  # noqa: E402
+from custom_llm.tokenizer import HARD_STRINGS, load_tokenizer  # noqa: E402
 from llm_model import load_config, load_trained_model  # noqa: E402
 
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -64,24 +62,17 @@ def main():
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
         held_out = prepare_dataset(args.text, tokenizer=tokenizer).val.tolist()
         windows = held_out_windows(held_out, config["block_size"], count=16)
-        with torch.no_grad():
-            expected = [model(torch.tensor([w]))[0][0].numpy() for w in windows]
         f32 = os.path.join(folder, "model.f32.gguf")
         write_gguf(model, tokenizer, f32, "F32")
         print(f"\n{'type':8}{'size':>10}{'tokenization':>14}{'next token':>12}{'max rel. logit error':>22}")
         for quant_type in ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"):
             path = os.path.join(folder, f"model.{quant_type}.gguf")
             quantize(f32, path, quant_type)
-            gguf_model = GGUFModel(path, logits_all=True)
-            agree = sum(gguf_model.tokenize(s) == encode(tokenizer, s) for s in HARD_STRINGS)
-            same, total, worst = 0, 0, 0.0
-            for window, want in zip(windows, expected):
-                got = gguf_model.logits(window)
-                worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
-                same += int((got.argmax(-1) == want.argmax(-1)).sum())
-                total += len(window)
-            print(f"{quant_type:8}{os.path.getsize(path) / 1024:9.0f}K{f'{agree}/{len(HARD_STRINGS)}':>14}"
-                  f"{100 * same / total:11.1f}%{worst:22.1e}")
+            with torch.no_grad():
+                r = check_gguf_file(path, model, tokenizer, windows)  # the same check convert_to_gguf.py runs
+            agreement = f"{r['tokens_agree']}/{len(HARD_STRINGS)}"
+            print(f"{quant_type:8}{r['size'] / 1024:9.0f}K{agreement:>14}"
+                  f"{100 * r['next_agree']:11.1f}%{r['rel_error']:22.1e}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
