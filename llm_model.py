@@ -8,6 +8,7 @@ blocks with biases, fused QKV, GELU with the tanh approximation, an output head 
 the Hugging Face and GGUF exports are exact copies of it rather than approximations.
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -61,8 +62,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        # On CPU the fused attention kernel is several times slower in bfloat16 than in float32
+        # (benchmarks/bench_step.py), so under bf16 autocast it runs in float32.
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and torch.is_autocast_enabled("cpu"):
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

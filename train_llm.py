@@ -30,13 +30,13 @@ from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
 from custom_llm.tokenizer import load_tokenizer, save_tokenizer
 from custom_llm.training import (StopRequest, check_resume, estimate_loss, learning_rate_at, load_checkpoint,
-                                 make_optimizer, pick_device, plot_losses, save_checkpoint)
+                                 make_optimizer, pick_device, pick_dtype, plot_losses, save_checkpoint)
 from llm_model import GPTLanguageModel, check_memory, load_config, load_trained_model, save_config
 
 DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
-    Question("batch_size", "Batch size", 32, positive_int),
-    Question("learning_rate", "Learning rate", 0.0003, positive_float),
+    Question("batch_size", "Batch size", 128, positive_int),
+    Question("learning_rate", "Learning rate", 0.015, positive_float),
     Question("max_epochs", "Number of epochs", 5, positive_int),
     Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),
 ]
@@ -44,7 +44,7 @@ QUESTIONS = [
 
 # Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
 PLAN_FLAGS = ("max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "eval_interval", "eval_batches", "grad_accum_steps")
+              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer")
 
 
 def parse_args():
@@ -59,15 +59,18 @@ def parse_args():
     parser.add_argument("--encoding", default="utf-8", help="the text file's encoding")
     parser.add_argument("--eval_interval", type=int, default=250,
                         help="steps between validation runs (default 250; also at the end of every epoch)")
-    parser.add_argument("--eval_batches", type=int, default=20, help="batches per validation run")
+    parser.add_argument("--eval_batches", type=int, default=10,
+                        help="batches of batch_size windows per validation run (default 10)")
     parser.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of the steps, at most 200")
     parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="the schedule decays to lr × this")
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--grad_clip", type=float, default=1.0)
     parser.add_argument("--grad_accum_steps", type=int, default=1,
                         help="micro-batches per step: the same effective batch on fewer processes")
+    parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
+                        help="muon (default): Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW only")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="autocast type; auto: bfloat16 on CUDA, float32 on the CPU")
+                        help="autocast type; auto: bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                         help="torch.compile; auto: on CUDA only")
     parser.add_argument("--checkpoint_path", default="checkpoint.pth", help="resumable training state")
@@ -171,7 +174,8 @@ def train(args, processes):
     check_memory(config, batch_size)
     model = (load_trained_model(args.init_from, config).train() if args.init_from
              else GPTLanguageModel(config)).to(device)
-    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type)
+    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type,
+                               plan.get("optimizer", "adamw"))  # checkpoints from before Muon: AdamW
     generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
     micro_batches = processes.world_size * accumulation
     tokens_per_step = batch_size * block_size * micro_batches
@@ -182,6 +186,7 @@ def train(args, processes):
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = plan["warmup_steps"] if plan["warmup_steps"] is not None else min(200, max(1, total_steps // 20))
     step, best_val, best_step, elapsed_before, val_loss = 0, float("inf"), None, 0.0, float("nan")
+    last_eval_step = 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -189,11 +194,12 @@ def train(args, processes):
             torch.set_rng_state(checkpoint["torch_rng"])
         generator.bit_generator.state = checkpoint["numpy_rng"]
         step, best_val, best_step = checkpoint["step"], checkpoint["best_val"], checkpoint["best_step"]
+        last_eval_step = checkpoint.get("last_eval_step", step - step % plan["eval_interval"])
         elapsed_before = checkpoint["elapsed"]
     elif processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
 
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device_type == "cuda")
+    use_bf16 = pick_dtype(args.dtype, device_type) == torch.bfloat16
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -208,14 +214,16 @@ def train(args, processes):
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16)
 
     def checkpoint_state():
-        return {"step": step, "best_val": best_val, "best_step": best_step, "config": config, "plan": plan,
+        return {"step": step, "best_val": best_val, "best_step": best_step, "last_eval_step": last_eval_step,
+                "config": config, "plan": plan,
                 "tokenizer_hash": tokenizer_hash(tokenizer), "text_hash": dataset.text_hash,
                 "elapsed": elapsed_before + time.time() - started}
 
     say(f"Training on {device_type} with {model.num_parameters() / 1e6:.2f}M parameters: {n_epochs} epoch(s) "
         f"of {steps_per_epoch} steps, {total_steps} steps in all; effective batch {batch_size * micro_batches} "
         f"windows ({tokens_per_step:,} tokens) = {batch_size} x {processes.world_size} process(es) x "
-        f"{accumulation} accumulation step(s); peak learning rate {plan['learning_rate']:g}"
+        f"{accumulation} accumulation step(s); {plan.get('optimizer', 'adamw')}, peak learning rate "
+        f"{plan['learning_rate']:g}"
         + (", bfloat16 autocast" if use_bf16 else "") + (", compiled" if compiled else ""))
 
     # Train.
@@ -255,7 +263,9 @@ def train(args, processes):
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
-                if step % plan["eval_interval"] == 0 or step == epoch_end:
+                # Validate every eval_interval steps since the last validation, and at every epoch's end.
+                if step - last_eval_step >= plan["eval_interval"] or step == epoch_end:
+                    last_eval_step = step
                     # Every process evaluates the same windows, so they stay in step without waiting.
                     val_loss = estimate_loss(model, dataset.val, batch_size, block_size,
                                              plan["eval_batches"], device, autocast)

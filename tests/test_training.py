@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import torch
 from conftest import REPO, TINY, make_text, one_line_error, run_script
 
 import custom_llm.data as data
+import custom_llm.training as training
 from custom_llm.cli import UserError, atomic_path
 from custom_llm.tokenizer import build_char_tokenizer, encode, load_tokenizer
-from custom_llm.training import learning_rate_at
+from custom_llm.training import learning_rate_at, make_optimizer, pick_dtype
+from llm_model import GPTLanguageModel
 
 QUICK = ["--batch_size", "16", "--learning_rate", "0.003", "-y"]
 
@@ -33,6 +36,86 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))       # then only falls
     assert lrs[-1] == pytest.approx(1e-4, rel=1e-3)                # to a tenth of the peak
     assert learning_rate_at(5000, 1000, 1e-3, 100, 0.1) == pytest.approx(1e-4)
+
+
+# -------------------------------------------------------------------- optimizer, dtype
+
+SMALL = {"vocab_size": 50, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16, "dropout": 0.0}
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = GPTLanguageModel(SMALL)
+    muon, adamw = make_optimizer(model, 0.01, 0.1, "cpu", "muon").optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    assert in_muon == {name for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("h.")}
+    assert {"h.0.attn.c_attn.weight", "h.1.mlp.c_proj.weight"} <= in_muon
+    decayed = {names[id(p)] for group in adamw.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert decayed == {"wte.weight", "wpe.weight", "lm_head.weight"}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == set(names.values())
+    adamw_only = make_optimizer(model, 0.01, 0.1, "cpu", "adamw")
+    assert len(adamw_only.optimizers) == 1 and sum(len(g["params"]) for g in adamw_only.param_groups) == len(names)
+
+
+def test_optimizer_state_round_trips_and_both_kinds_learn():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50, (8, 16))
+    for kind in ("muon", "adamw"):
+        model = GPTLanguageModel(SMALL)
+        optimizer = make_optimizer(model, 0.01, 0.1, "cpu", kind)
+        first = model(idx, idx)[1].item()
+        for _ in range(30):
+            optimizer.zero_grad()
+            model(idx, idx)[1].backward()
+            optimizer.step()
+        assert model(idx, idx)[1].item() < first - 1.0, kind  # it memorises one batch
+        restored = make_optimizer(model, 0.01, 0.1, "cpu", kind)
+        restored.load_state_dict(optimizer.state_dict())
+        for a, b in zip(optimizer.optimizers, restored.optimizers):
+            assert all(torch.equal(x, y) for s in a.state for x, y in zip(
+                [v for v in a.state[s].values() if torch.is_tensor(v)],
+                [v for v in b.state[s].values() if torch.is_tensor(v)]))
+    # Checkpoints from before Muon hold one plain AdamW state dict (matrices decayed, vectors not).
+    old = GPTLanguageModel(SMALL)
+    plain = torch.optim.AdamW([{"params": [p for p in old.parameters() if p.dim() >= 2]},
+                               {"params": [p for p in old.parameters() if p.dim() < 2]}])
+    old(idx, idx)[1].backward()
+    plain.step()
+    resumed = make_optimizer(old, 0.01, 0.1, "cpu", "adamw")
+    resumed.load_state_dict(plain.state_dict())
+    resumed.step()  # each moment lines up with its parameter
+
+
+def test_bf16_autocast_keeps_cpu_attention_in_float32(monkeypatch):
+    import llm_model
+    seen = []
+    attention = llm_model.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(llm_model.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = GPTLanguageModel(SMALL)
+    idx = torch.randint(0, 50, (4, 16))
+    reference = model(idx, idx)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and seen == [torch.float32] * 4  # 2 layers, twice
+    assert abs(loss.item() - reference.item()) < 0.02
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dtype_choice(monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_amx", lambda: False)
+    assert pick_dtype("auto", "cpu") == torch.float32 and pick_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_amx", lambda: True)
+    assert pick_dtype("auto", "cpu") == torch.bfloat16
+    assert pick_dtype("float32", "cpu") == torch.float32 and pick_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------- data
@@ -150,6 +233,23 @@ def test_interrupt_saves_checkpoint_and_resume_matches_uninterrupted_run(configu
     final = torch.load(folder / "trained_model.pth", weights_only=True)
     final_reference = torch.load(reference / "trained_model.pth", weights_only=True)
     assert all(torch.allclose(final[k], final_reference[k], atol=1e-5) for k in final)
+
+
+def test_validation_every_interval_since_the_last_and_at_each_epoch_end(configured):
+    folder, text_file = configured
+    result = run_script("train_llm.py", "--dataset_path", text_file, *QUICK, "--max_epochs", 2,
+                        "--eval_interval", 7, "--eval_batches", 2, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    per_epoch = int(re.search(r"epoch\(s\) of (\d+) steps", result.stdout).group(1))
+    assert per_epoch % 7  # so the epoch's end falls between two interval evaluations
+    expected, last = [], 0
+    for step in range(1, 2 * per_epoch + 1):
+        if step - last >= 7 or step % per_epoch == 0:
+            expected.append(step)
+            last = step
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == expected
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
 
 
 def test_files_survive_sigkill_at_random_moments(configured):
@@ -370,7 +470,10 @@ def torchrun(folder, *args):
 
 def test_two_processes_equal_one_with_the_same_effective_batch(configured, tmp_path_factory):
     folder, text_file = configured
-    plan = ["--dataset_path", text_file, "--batch_size", 8, "--learning_rate", "0.003", "--eval_interval", 10, "-y"]
+    # float32 and AdamW: bfloat16 products and Muon's bfloat16 orthogonalization round differently
+    # with 1 thread per process than with 2 in one, and Adam turns such noise into steps of lr size.
+    plan = ["--dataset_path", text_file, "--batch_size", 8, "--learning_rate", "0.003", "--eval_interval", 10, "-y",
+            "--dtype", "float32", "--optimizer", "adamw"]
     single = tmp_path_factory.mktemp("single")
     assert run_script("llm_model.py", *TINY, "-y", cwd=single).returncode == 0
     one = run_script("train_llm.py", *plan, "--max_steps", 20, "--grad_accum_steps", 2, cwd=single)
