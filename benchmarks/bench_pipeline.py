@@ -1,6 +1,6 @@
 """The whole pipeline on a text, timed stage by stage, then each GGUF type against PyTorch.
 
-    python benchmarks/bench_pipeline.py [--text ../shared/data/tinyshakespeare.txt] [--max_steps 500]
+    python benchmarks/bench_pipeline.py [--text ../shared/data/tinyshakespeare.txt] [--max_epochs 2]
 
 Runs the four scripts as a user would (small model: 4 layers, 4 heads, n_embd 128, block_size 64)
 and prints each stage's wall time. Then, for F32, F16, Q8_0, Q4_0 and Q4_K_M, quantizes with
@@ -45,14 +45,14 @@ def stage(name, command, cwd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=DEFAULT_TEXT)
-    parser.add_argument("--max_steps", type=int, default=500)
+    parser.add_argument("--max_epochs", type=int, default=2, help="train_llm.py's default recipe for this many epochs")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
-        print(f"stage               wall time   (text: {args.text}, {args.max_steps} training steps)")
+        print(f"stage               wall time   (text: {args.text}, {args.max_epochs} training epochs)")
         stage("1 llm_model.py", [os.path.join(REPO, "llm_model.py"), *MODEL, "-y"], folder)
         stage("2 train_llm.py", [os.path.join(REPO, "train_llm.py"), "--dataset_path", args.text,
-                                 "--max_steps", str(args.max_steps), "--learning_rate", "0.003", "-y"], folder)
+                                 "--max_epochs", str(args.max_epochs), "-y"], folder)
         stage("3 convert_to_gguf", [os.path.join(REPO, "convert_to_gguf.py")], folder)
         stage("4 inference_gguf", [os.path.join(REPO, "inference_gguf.py"), "--query", "ROMEO:",
                                    "--max_tokens", "200", "--temperature", "0"], folder)
