@@ -64,10 +64,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # On CPU the fused attention kernel is several times slower in bfloat16 than in float32
         # (benchmarks/bench_step.py), so under bf16 autocast it runs in float32.
-        on_cpu = x.device.type == "cpu"
-        if on_cpu and torch.is_autocast_enabled("cpu"):
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_autocast:
             q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)

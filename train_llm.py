@@ -117,6 +117,7 @@ def train(args, processes):
             remove_stale_temporaries(path)  # left by a run that was killed while writing
         if checkpoint:
             plan = checkpoint["plan"]
+            plan.setdefault("optimizer", "adamw")  # checkpoints from before Muon trained with AdamW
             print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
         else:
             plan = ask("Configure training parameters:", QUESTIONS, args)
@@ -174,8 +175,7 @@ def train(args, processes):
     check_memory(config, batch_size)
     model = (load_trained_model(args.init_from, config).train() if args.init_from
              else GPTLanguageModel(config)).to(device)
-    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type,
-                               plan.get("optimizer", "adamw"))  # checkpoints from before Muon: AdamW
+    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type, plan["optimizer"])
     generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
     micro_batches = processes.world_size * accumulation
     tokens_per_step = batch_size * block_size * micro_batches
@@ -222,7 +222,7 @@ def train(args, processes):
     say(f"Training on {device_type} with {model.num_parameters() / 1e6:.2f}M parameters: {n_epochs} epoch(s) "
         f"of {steps_per_epoch} steps, {total_steps} steps in all; effective batch {batch_size * micro_batches} "
         f"windows ({tokens_per_step:,} tokens) = {batch_size} x {processes.world_size} process(es) x "
-        f"{accumulation} accumulation step(s); {plan.get('optimizer', 'adamw')}, peak learning rate "
+        f"{accumulation} accumulation step(s); {plan['optimizer']}, peak learning rate "
         f"{plan['learning_rate']:g}"
         + (", bfloat16 autocast" if use_bf16 else "") + (", compiled" if compiled else ""))
 
