@@ -234,21 +234,6 @@ def test_sampler_filters():
     assert [seeded[0](logits) for _ in range(50)] == [seeded[1](logits) for _ in range(50)]
 
 
-@pytest.mark.parametrize("args,reason", [
-    (["--min_p", "1.5"], "--min_p"),
-    (["--repeat_penalty", "0"], "--repeat_penalty"),
-    (["--repeat_last_n", "0"], "--repeat_last_n"),
-    (["--stop", ""], "--stop"),
-    (["--seed", "-1"], "--seed"),
-    (["--top_k", "abc"], "--top_k"),
-    (["--temperature", "inf"], "--temperature"),
-])
-def test_new_flags_are_checked(trained, args, reason):
-    folder, _ = trained
-    line = one_line_error(run_script("inference_gguf.py", "--query", "x", *args, cwd=folder), 2)
-    assert reason in line
-
-
 # ------------------------------------------------------------------- PyTorch KV cache
 
 def test_kv_cache_generate_equals_generate_without_cache(trained):

@@ -167,6 +167,13 @@ def test_empty_and_overlong_prompts(trained):
     (["--top_k", "0"], "--top_k"),
     (["--gguf_path", "nothing-here.gguf"], "not found"),
     (["--gguf_path", "tokenizer.json"], "not a GGUF"),
+    (["--min_p", "1.5"], "--min_p"),
+    (["--repeat_penalty", "0"], "--repeat_penalty"),
+    (["--repeat_last_n", "0"], "--repeat_last_n"),
+    (["--stop", ""], "--stop"),
+    (["--seed", "-1"], "--seed"),
+    (["--top_k", "abc"], "--top_k"),
+    (["--temperature", "inf"], "--temperature"),
 ])
 def test_inference_bad_arguments(trained, args, reason):
     folder, _ = trained

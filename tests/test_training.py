@@ -404,6 +404,8 @@ def test_unwritable_output_folder_fails_before_training(configured):
     (["--batch_size", "0"], "positive"),
     (["--max_epochs", "two"], "not a whole number"),
     (["--device", "tpu"], "invalid choice"),
+    (["--optimizer", "sgd"], "invalid choice"),
+    (["--dtype", "float16"], "invalid choice"),
     (["--max_steps", "0"], "positive"),
 ])
 def test_bad_training_flags(configured, flags, reason):
