@@ -44,7 +44,7 @@ QUESTIONS = [
 
 # Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
 PLAN_FLAGS = ("max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer")
+              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer", "dtype")
 
 
 def parse_args():
@@ -118,6 +118,7 @@ def train(args, processes):
         if checkpoint:
             plan = checkpoint["plan"]
             plan.setdefault("optimizer", "adamw")  # checkpoints from before Muon trained with AdamW
+            plan.setdefault("dtype", args.dtype)
             print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
         else:
             plan = ask("Configure training parameters:", QUESTIONS, args)
@@ -199,7 +200,7 @@ def train(args, processes):
     elif processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
 
-    use_bf16 = pick_dtype(args.dtype, device_type) == torch.bfloat16
+    use_bf16 = pick_dtype(plan["dtype"], device_type) == torch.bfloat16
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
