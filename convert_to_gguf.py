@@ -15,42 +15,16 @@ its ratio to the PyTorch model's perplexity on the same windows, and top-1 next-
 import os
 import time
 
-import numpy as np
-import torch
-
+from custom_llm.checks import check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
-from custom_llm.data import prepare_dataset
 from custom_llm.evaluation import evaluation_windows, pytorch_logits, report_table, score
-from custom_llm.export import (check_quant_type, export_hf, quantize, tensor_types, write_gguf)
+from custom_llm.export import FORMATS, GGUF, check_quant_type, quantize, tensor_types, write_gguf
+from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
-from llm_model import load_config, load_trained_model
 
-# Largest relative logit error (max |difference| / max |logit|) accepted for unquantized files.
-# llama.cpp computes some steps in half precision, so even F32 is not bit-exact.
-TOLERANCE = {"F32": 2e-3, "F16": 1e-2}
 # What --report quantizes to when --quant_type does not say: from near-lossless to 2-bit.
 REPORT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-
-
-def evaluation_tokens(args, config, tokenizer):
-    """The held-out tokens: all of --eval_text, else the last 10% of the training text (which
-    training never learned from). None when neither is there."""
-    if args.eval_text:
-        if not os.path.isfile(args.eval_text):
-            raise UserError(f"--eval_text {args.eval_text} is not a file: give the path of a text "
-                            "file to evaluate on", 2)
-        return prepare_dataset(args.eval_text, tokenizer=tokenizer).tokens.tolist(), args.eval_text
-    path = config.get("dataset_path")
-    if path and os.path.exists(path):  # the same validation tokens training used
-        return prepare_dataset(path, tokenizer=tokenizer).val.tolist(), f"the last 10% of {path}"
-    return None, None
-
-
-def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
-    """Up to `count` windows of block_size tokens, for the quick checks."""
-    windows = [tokens[i:i + block_size] for i in range(0, len(tokens) - block_size + 1, block_size)]
-    return windows[:count] or ([tokens] if tokens else [])
 
 
 def parse_quant_types(text):
@@ -61,72 +35,42 @@ def parse_quant_types(text):
     return list(dict.fromkeys(names))
 
 
-def check_gguf_file(path, model, tokenizer, windows):
-    """Compare a GGUF with the PyTorch model: tokenization, next-token choice, logits."""
-    gguf_model = GGUFModel(path, logits_all=True)
-    agree = sum(gguf_model.tokenize(s) == encode(tokenizer, s) for s in HARD_STRINGS)
-    same_next, total, worst = 0, 0, 0.0
-    for window in windows:
-        expected = model(torch.tensor([window]))[0][0].float().numpy()
-        got = gguf_model.logits(window)
-        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
-        same_next += int((got.argmax(-1) == expected.argmax(-1)).sum())
-        total += len(window)
-    _, bits_per_weight = tensor_types(path)
-    return {"size": os.path.getsize(path), "bpw": bits_per_weight, "tokens_agree": agree,
-            "next_agree": same_next / max(1, total), "rel_error": worst}
-
-
-def check_hf(output_dir, model, windows):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf_model = AutoModelForCausalLM.from_pretrained(output_dir, local_files_only=True).eval()
-    AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
-    worst = 0.0
-    with torch.no_grad():
-        for window in windows:
-            expected = model(torch.tensor([window]))[0]
-            got = hf_model(torch.tensor([window])).logits
-            worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
-    return worst
-
-
-def main():
+def parse_args():
     parser = ArgumentParser(description="Export the trained model to Hugging Face and GGUF, quantized.")
     parser.add_argument("--model_path", default="trained_model.pth")
     parser.add_argument("--config_path", default="model_config.pth")
     parser.add_argument("--tokenizer_path", default="tokenizer.json")
-    parser.add_argument("--output_dir", default="hf_model", help="Hugging Face folder to write")
-    parser.add_argument("--gguf_output", default="model.gguf", help="F16 GGUF to write")
+    for export_format in FORMATS:
+        parser.add_argument(f"--{export_format.flag}", default=export_format.default,
+                            help=f"where to write the {export_format.description} export")
     parser.add_argument("--quant_type", default=None,
                         help="llama.cpp quantization type(s), comma-separated (default Q4_0; e.g. Q8_0,Q4_K_M)")
     parser.add_argument("--report", action="store_true",
                         help="print what each type costs (perplexity, agreement); without --quant_type, "
                              f"quantizes to {','.join(REPORT_TYPES)}")
-    parser.add_argument("--eval_tokens", type=int, default=32768,
-                        help="held-out tokens the report evaluates (0: all of them)")
+    parser.add_number("eval_tokens", 32768)
     parser.add_argument("--llama_cpp_path", default=None,
                         help="optional llama.cpp checkout whose llama-quantize to use instead")
     parser.add_argument("--eval_text", default=None,
                         help="held-out text for the checks and the report (default: the last 10%% of "
                              "the training text recorded in the config)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    # Load.
+
+def main():
+    args = parse_args()
     if args.quant_type is None:
         quant_types = REPORT_TYPES if args.report else ["Q4_0"]
     else:
         quant_types = parse_quant_types(args.quant_type)
     show_report = args.report or len(quant_types) > 1
-    if args.eval_tokens < 0:
-        raise UserError(f"--eval_tokens: {args.eval_tokens} must be 0 (all) or a positive number", 2)
+
+    # Load.
     config = load_config(args.config_path)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    if tokenizer.get_vocab_size() != config["vocab_size"]:
-        raise UserError(f"{args.tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model "
-                        f"config says vocab_size {config['vocab_size']}: they come from different "
-                        "training runs; retrain with `python train_llm.py`")
+    check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
     model = load_trained_model(args.model_path, config)
-    eval_tokens, eval_source = evaluation_tokens(args, config, tokenizer)
+    eval_tokens, eval_source = held_out_tokens(args.eval_text, config, tokenizer)
     if eval_tokens and len(eval_tokens) > 1:
         windows = held_out_windows(eval_tokens, config["block_size"])
     elif show_report:
@@ -136,14 +80,35 @@ def main():
         print("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
 
-    # Export.
+    # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded twice.
     started = time.time()
-    export_hf(model, tokenizer, args.output_dir)
-    print(f"Wrote {args.output_dir}/ (Hugging Face GPT2LMHeadModel + tokenizer)")
-    write_gguf(model, tokenizer, args.gguf_output, "F16")
-    print(f"Wrote {args.gguf_output} (F16)")
+    for export_format in FORMATS:
+        path = getattr(args, export_format.flag)
+        export_format.write(model, tokenizer, path)
+        print(f"Wrote {shown(path)} ({export_format.description})")
+    quantized = quantize_all(model, tokenizer, quant_types, args, config)
+    print(f"Export took {time.time() - started:.1f}s")
 
-    # Quantize from full-precision weights, not from the F16 file, so nothing is rounded twice.
+    # Check what was written against the PyTorch model.
+    to_check = [(f, getattr(args, f.flag), f.tolerance) for f in FORMATS]
+    to_check += [(GGUF, path, None) for path in quantized.values()]   # quantized: no tolerance, a report
+    failures = []
+    for export_format, path, tolerance in to_check:
+        failures += check_and_say(export_format, path, tolerance, model, tokenizer, windows)
+    if failures:
+        raise UserError("; ".join(failures))
+    if show_report:
+        print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
+    suggested = quantized.get("Q4_0", quantized[quant_types[0]])
+    print(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
+
+
+def shown(path: str) -> str:
+    return path.rstrip("/") + "/" if os.path.isdir(path) else path
+
+
+def quantize_all(model, tokenizer, quant_types, args, config) -> dict:
+    """{type: path} of each quantized GGUF, made from an F32 GGUF that is removed afterwards."""
     source = f"{args.gguf_output}.source-f32.tmp"
     quantized = {}
     try:
@@ -155,32 +120,24 @@ def main():
     finally:
         if os.path.exists(source):
             os.remove(source)
-    print(f"Export took {time.time() - started:.1f}s")
+    return quantized
 
-    # Check what was written against the PyTorch model.
-    hf_error = check_hf(args.output_dir, model, windows)
-    print(f"Check {args.output_dir}/: max relative logit error {hf_error:.1e} vs PyTorch")
-    failures = []
-    if hf_error > TOLERANCE["F32"]:
-        failures.append(f"{args.output_dir} logits differ from PyTorch by {hf_error:.1e}")
+
+def check_and_say(export_format, path, tolerance, model, tokenizer, windows) -> list:
+    """One line on how the export at path compares with the model; what failed, if anything."""
+    r = check_export(export_format, path, model, tokenizer, windows)
     n_hard = len(HARD_STRINGS)
-    with torch.no_grad():
-        for kind, path in [("F16", args.gguf_output), *quantized.items()]:
-            r = check_gguf_file(path, model, tokenizer, windows)
-            print(f"Check {path}: {human_bytes(r['size'])}, {r['bpw']:.2f} bits/weight, "
-                  f"tokenization {r['tokens_agree']}/{n_hard} strings equal, "
-                  f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}")
-            if r["tokens_agree"] != n_hard:
-                failures.append(f"{path} tokenizes {n_hard - r['tokens_agree']} test string(s) differently")
-            if kind in TOLERANCE and r["rel_error"] > TOLERANCE[kind]:
-                failures.append(f"{path} logits differ from PyTorch by {r['rel_error']:.1e} "
-                                f"(tolerance {TOLERANCE[kind]:.0e} for {kind})")
-    if failures:
-        raise UserError("; ".join(failures))
-    if show_report:
-        print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
-    suggested = quantized.get("Q4_0", quantized[quant_types[0]])
-    print(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
+    print(f"Check {shown(path)}: {human_bytes(r['size'])}"
+          + (f", {r['bpw']:.2f} bits/weight" if r["bpw"] is not None else "")
+          + f", tokenization {r['tokens_agree']}/{n_hard} strings equal, "
+          f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}")
+    failures = []
+    if r["tokens_agree"] != n_hard:
+        failures.append(f"{path} tokenizes {n_hard - r['tokens_agree']} test string(s) differently")
+    if tolerance is not None and r["rel_error"] > tolerance:
+        failures.append(f"{path} logits differ from PyTorch by {r['rel_error']:.1e} "
+                        f"(tolerance {tolerance:.0e} for {export_format.description})")
+    return failures
 
 
 def report_written(path, quant_type, fallbacks, config):

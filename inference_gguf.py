@@ -121,14 +121,12 @@ def main():
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per generation (text, tokens, timings, settings)")
     parser.add_argument("--use_gpu", action="store_true", help="offload all layers to the GPU")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_number("threads", shown_default="all cores")
     args = parser.parse_args()
     try:
         settings = settings_from_flags(args, Settings())
     except ValueError as reason:
         raise UserError(str(reason), 2) from None
-    if args.threads is not None and args.threads <= 0:
-        raise UserError(f"--threads: {args.threads} must be a positive whole number", 2)
 
     use_gpu = args.use_gpu
     if use_gpu and not gpu_offload_supported():

@@ -5,7 +5,7 @@
 
 Greedy generation of the same tokens from the same prompt, timed for:
   transformers generate()   the exported hf_model/, KV cache on (what a user would otherwise run)
-  PyTorch generate()        llm_model.py's own generate(), with its KV cache
+  PyTorch generate()        the model's own generate() (custom_llm/model.py), with its KV cache
   bare llama.cpp loop       Llama.eval one token at a time, no sampling, no text: the ceiling
   bare llama_decode loop    the same through llama_decode and one reused batch (inference's path)
   inference_gguf            the script's own path (custom_llm.generation.stream: sampling,
@@ -29,11 +29,12 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from custom_llm.context import slide  # noqa: E402
 from custom_llm.export import quantize, write_gguf  # noqa: E402
+from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.generation import Sampler, Settings, stream  # noqa: E402
 from custom_llm.runtime import GGUFModel  # noqa: E402
 from custom_llm.tokenizer import encode, load_tokenizer  # noqa: E402
-from llm_model import load_config, load_trained_model  # noqa: E402
 
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 TYPES = ["F32", "F16", "Q8_0", "Q4_0"]
@@ -137,7 +138,6 @@ def run_pytorch_rates(model, prompt_ids, n_in, n_long):
 def run_bare_loop(gguf, prompt_ids, tokens, block_size):
     """Llama.eval, one token at a time, of the tokens generation produced; the context rule by
     Llama.reset + Llama.eval(kept half). No sampling, no logits read, no text."""
-    from llm_model import slide
     llm = gguf.llm
     timing = Timing(block_size, len(prompt_ids))
     llm.reset()
@@ -159,7 +159,6 @@ def run_bare_decode(gguf, prompt_ids, tokens, block_size):
     """The same loop one level lower: llama_decode on one reused batch (what GGUFModel.generate
     does), still without sampling or text. Shows what Llama.eval's own bookkeeping costs."""
     import llama_cpp
-    from llm_model import slide
     timing = Timing(block_size, len(prompt_ids))
     window = list(prompt_ids)
     gguf._decode_window(window)

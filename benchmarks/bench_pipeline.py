@@ -16,16 +16,15 @@ import sys
 import tempfile
 import time
 
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from convert_to_gguf import check_gguf_file, held_out_windows  # noqa: E402
+from custom_llm.checks import check_export, held_out_windows  # noqa: E402
 from custom_llm.data import prepare_dataset  # noqa: E402
-from custom_llm.export import quantize, write_gguf  # noqa: E402
+from custom_llm.export import GGUF, quantize, write_gguf  # noqa: E402
+from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.tokenizer import HARD_STRINGS, load_tokenizer  # noqa: E402
-from llm_model import load_config, load_trained_model  # noqa: E402
 
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
@@ -68,8 +67,7 @@ def main():
         for quant_type in ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"):
             path = os.path.join(folder, f"model.{quant_type}.gguf")
             quantize(f32, path, quant_type)
-            with torch.no_grad():
-                r = check_gguf_file(path, model, tokenizer, windows)  # the same check convert_to_gguf.py runs
+            r = check_export(GGUF, path, model, tokenizer, windows)  # the same check convert_to_gguf.py runs
             agreement = f"{r['tokens_agree']}/{len(HARD_STRINGS)}"
             print(f"{quant_type:8}{r['size'] / 1024:9.0f}K{agreement:>14}"
                   f"{100 * r['next_agree']:11.1f}%{r['rel_error']:22.1e}")

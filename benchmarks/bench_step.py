@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from custom_llm.training import cpu_has_amx, make_optimizer  # noqa: E402
-from llm_model import GPTLanguageModel  # noqa: E402
+from custom_llm.model import GPTLanguageModel  # noqa: E402
 
 
 def tokens_per_second(config, batch_size, optimizer_kind, bf16, compiled, steps, warmup):

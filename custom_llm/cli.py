@@ -1,15 +1,13 @@
-"""What every stage script shares at the terminal: questions that are also flags,
-one-line errors instead of tracebacks, and files that are never left half-written."""
+"""What every stage script shares at the terminal: questions that are also flags, numeric
+flags checked against their range (flags.py), and one-line errors instead of tracebacks."""
 
 import argparse
-import math
 import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from custom_llm.flags import NUMBERS
 
 
 class UserError(Exception):
@@ -41,51 +39,40 @@ def run(main: Callable[[], None]) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error and exit status 2."""
+    """argparse with a one-line error and exit status 2, and numeric flags from flags.NUMBERS
+    checked against their range before the script reads or writes anything."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+        self.numbers = []   # names of the flags parse_args checks against flags.NUMBERS
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def add_number(self, name: str, default=None, shown_default=None) -> None:
+        """--name, a number in the range flags.NUMBERS gives it."""
+        number = NUMBERS[name]
+        shown = default if shown_default is None else shown_default
+        help_text = f"{number.meaning}; {number.describe()}" + ("" if shown is None else f" (default: {shown})")
+        self.add_argument(f"--{name}", default=default, metavar="N" if number.kind is int else "F",
+                          help=help_text.replace("%", "%%"))
+        self.numbers.append(name)
+
+    def parse_args(self, *args, **kwargs):
+        parsed = super().parse_args(*args, **kwargs)
+        for name in self.numbers:
+            given = getattr(parsed, name)
+            if isinstance(given, str):   # from the command line; defaults are numbers already
+                try:
+                    setattr(parsed, name, NUMBERS[name].parse(given))
+                except ValueError as reason:
+                    raise UserError(f"--{name}: {reason}", 2) from None
+        return parsed
+
 
 # ---------------------------------------------------------------------------- questions
-
-def parse_number(text: str, kind=float):
-    """int or float from text, or ValueError with a reason a user can read."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"{text} must be a finite number")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = parse_number(text, int)
-    if value <= 0:
-        raise ValueError(f"{value} must be a positive whole number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = parse_number(text, float)
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{text} must be a positive number")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A probability such as dropout: 0 <= value < 1."""
-    value = parse_number(text, float)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{text} must be at least 0 and below 1")
-    return value
-
 
 def existing_file(text: str) -> str:
     path = os.path.expanduser(text.strip())
@@ -101,9 +88,14 @@ class Question:
     name: str                     # flag name and dict key
     prompt: str                   # what the user reads
     default: Any
-    parse: Callable[[str], Any]   # raises ValueError(reason) on a bad answer
+    # Raises ValueError(reason) on a bad answer; None: a number in the range flags.NUMBERS gives.
+    parse: Optional[Callable[[str], Any]] = None
     # Optional check against earlier answers; returns a reason string when the value is bad.
     check: Optional[Callable[[Any, dict], Optional[str]]] = None
+
+    def __post_init__(self):
+        if self.parse is None:
+            self.parse = NUMBERS[self.name].parse
 
     def validate(self, text: str, answers: dict):
         value = self.parse(text)
@@ -113,10 +105,13 @@ class Question:
         return value
 
 
-def add_question_flags(parser: argparse.ArgumentParser, questions) -> None:
+def add_question_flags(parser: ArgumentParser, questions) -> None:
+    """A flag per question; numeric ones are checked by parse_args, before anything else runs."""
     for q in questions:
         parser.add_argument(f"--{q.name}", type=str, default=None,
                             help=f"{q.prompt} (default: {q.default})")
+        if q.name in NUMBERS:
+            parser.numbers.append(q.name)
     parser.add_argument("--yes", "-y", action="store_true",
                         help="take the default for every question not given as a flag")
 
@@ -173,96 +168,6 @@ def ask(title: str, questions, args) -> dict:
                     raise UserError(f"{q.name}: {reason}", exit_code=2) from None
                 print(f"  {reason}; please try again.")
     return answers
-
-
-# ---------------------------------------------------------------------------- safe files
-
-@contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path in the destination's folder; move it into place only when the
-    block finishes, so a crash leaves the old file or the new one, never half of one."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except FileNotFoundError:
-        raise UserError(f"cannot write {path}: folder {folder} does not exist") from None
-    except PermissionError:
-        raise UserError(f"cannot write {path}: folder {folder} is not writable") from None
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
-    try:
-        yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}; the previous file is untouched") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_writable(path: str) -> None:
-    """Fail early, before hours of work, when path's folder cannot take a new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except FileNotFoundError:
-        raise UserError(f"cannot write {path}: folder {folder} does not exist", 2) from None
-    except OSError as err:
-        raise UserError(f"cannot write {path}: folder {folder} is not writable ({err.strerror})", 2) from None
-
-
-def remove_stale_temporaries(path: str) -> None:
-    """Delete what a killed run left of its atomic writes to path (its temporary siblings); the
-    file itself is whole either way. Only the run about to write path again should call this."""
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".{os.path.basename(path)}."
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_dir(path: str):
-    """Like atomic_path, for a folder: build it aside, then swap it in."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def human_bytes(n: float) -> str:

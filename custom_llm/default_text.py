@@ -4,7 +4,7 @@ every Python installation already carries (the standard library's own help pages
 import importlib
 import pydoc
 
-from custom_llm.cli import atomic_path
+from custom_llm.atomic import atomic_path
 
 # Well-documented standard-library modules, most prose-rich first.
 MODULES = [

@@ -6,6 +6,7 @@
 Without torchrun everything here is a no-op for a single process.
 """
 
+import contextlib
 import os
 
 import torch
@@ -47,6 +48,15 @@ class Processes:
     def barrier(self):
         if self.distributed:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (e.g. filling a cache); the others run it after."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True (e.g. a Ctrl-C that reached only some)."""

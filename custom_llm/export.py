@@ -1,4 +1,5 @@
-"""Exports of a trained GPTLanguageModel: a Hugging Face GPT-2 folder and a GGUF file.
+"""Exports of a trained GPTLanguageModel: a Hugging Face GPT-2 folder and a GGUF file, and
+FORMATS, the list convert_to_gguf.py writes and checks (each with its writer and its reader).
 
 The model's graph is GPT-2's, so both are exact copies of its weights under other names:
 no retraining, no approximation. The GGUF is written with the `gguf` package (no llama.cpp
@@ -8,13 +9,16 @@ checkout) and quantized with llama.cpp's own quantizer through llama-cpp-python.
 import os
 import re
 import subprocess
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
-from custom_llm.cli import UserError, atomic_dir, atomic_path
-from custom_llm.runtime import llama_log
+from custom_llm.atomic import atomic_dir, atomic_path
+from custom_llm.cli import UserError
+from custom_llm.runtime import GGUFModel, llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
-from llm_model import LAYER_NORM_EPS
+from custom_llm.model import LAYER_NORM_EPS
 
 # ------------------------------------------------------------------------ Hugging Face
 
@@ -194,3 +198,50 @@ def tensor_types(path: str) -> dict:
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_weights = sum(int(t.n_elements) for t in reader.tensors)
     return types, 8 * n_bytes / max(1, n_weights)
+
+
+# ------------------------------------------------------------------------------ formats
+
+class HFExport:
+    """A Hugging Face export read back through transformers, as its users will read it."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def tokenize(self, text: str) -> list:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def logits(self, tokens) -> np.ndarray:
+        import torch
+        with torch.no_grad():
+            return self.model(torch.tensor([list(tokens)])).logits[0].float().numpy()
+
+
+@dataclass(frozen=True)
+class Format:
+    """An export that convert_to_gguf.py writes, then reads back and checks against the PyTorch
+    model (checks.py). A new format is one more entry in FORMATS."""
+    flag: str                   # convert_to_gguf.py's flag naming where it goes
+    default: str
+    description: str
+    write: Callable             # (model, tokenizer, path)
+    load: Callable              # path -> an object with tokenize(text) -> ids and logits(ids) -> (len, vocab)
+    tolerance: float            # largest relative logit error accepted (max |difference| / max |logit|)
+    bits_per_weight: Optional[Callable] = None   # path -> bits per weight, where the format says
+
+
+def _write_f16_gguf(model, tokenizer, path):
+    write_gguf(model, tokenizer, path, "F16")
+
+
+def _load_gguf(path):
+    return GGUFModel(path, logits_all=True)
+
+
+# llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact.
+HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", export_hf, HFExport, 2e-3)
+GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, _load_gguf, 1e-2,
+              bits_per_weight=lambda path: tensor_types(path)[1])
+FORMATS = [HF, GGUF]

@@ -1,5 +1,7 @@
-"""Generation settings, sampling, stop strings and the streamed generation itself: what
-inference_gguf.py's flags, its /commands and the benchmark share."""
+"""Generation settings, the sampler, stop strings and the streamed generation itself: what
+inference_gguf.py's flags, its /commands, PyTorch's generate() and the benchmark share.
+The one sampler (Sampler) serves both the llama.cpp path and PyTorch's generate(); a new
+sampling control is a Settings field, a step in Sampler, and a Knob here (its range: flags.py)."""
 
 import codecs
 import collections
@@ -10,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from custom_llm.cli import parse_number, positive_int
+from custom_llm.flags import NUMBERS
 
 # ------------------------------------------------------------------------------ settings
 
@@ -29,41 +31,6 @@ class Settings:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _temperature(text):
-    value = parse_number(text, float)
-    if value < 0:
-        raise ValueError(f"{text} must be 0 (greedy) or more")
-    return value
-
-
-def _top_p(text):
-    value = parse_number(text, float)
-    if not 0 < value <= 1:
-        raise ValueError(f"{text} must be above 0 and at most 1")
-    return value
-
-
-def _min_p(text):
-    value = parse_number(text, float)
-    if not 0 <= value <= 1:
-        raise ValueError(f"{text} must be between 0 and 1")
-    return value
-
-
-def _penalty(text):
-    value = parse_number(text, float)
-    if value <= 0:
-        raise ValueError(f"{text} must be above 0 (1 is off, 1.1 to 1.3 is usual)")
-    return value
-
-
-def _seed(text):
-    value = parse_number(text, int)
-    if not 0 <= value < 2 ** 63:
-        raise ValueError(f"{text} must be a whole number from 0 to 2**63 - 1")
-    return value
 
 
 def unescape(text: str) -> str:
@@ -96,48 +63,53 @@ class Knob:
     can_be_off: bool = False         # `/command off` turns it off (None)
 
 
+def _number(name, command, can_be_off=False) -> Knob:
+    """A numeric knob: parsed, checked and described by its row in flags.NUMBERS."""
+    number = NUMBERS[name]
+    return Knob(name, command, number.parse, number.meaning + (f" ({number.note})" if number.note else ""),
+                can_be_off)
+
+
 KNOBS = [
-    Knob("temperature", "temp", _temperature, "sampling temperature; 0 is greedy"),
-    Knob("top_k", "top_k", positive_int, "keep the N likeliest tokens", can_be_off=True),
-    Knob("top_p", "top_p", _top_p, "keep the likeliest tokens up to probability F", can_be_off=True),
-    Knob("min_p", "min_p", _min_p, "drop tokens below F times the likeliest one's probability",
-         can_be_off=True),
-    Knob("repeat_penalty", "repeat_penalty", _penalty,
-         "divide the odds of recently seen tokens by F (1 is off)"),
-    Knob("repeat_last_n", "repeat_last_n", positive_int, "how many recent tokens the penalty sees"),
-    Knob("max_tokens", "max", positive_int, "tokens to generate at most"),
-    Knob("seed", "seed", _seed, "same seed and settings give the same text", can_be_off=True),
+    _number("temperature", "temp"),
+    _number("top_k", "top_k", can_be_off=True),
+    _number("top_p", "top_p", can_be_off=True),
+    _number("min_p", "min_p", can_be_off=True),
+    _number("repeat_penalty", "repeat_penalty"),
+    _number("repeat_last_n", "repeat_last_n"),
+    _number("max_tokens", "max"),
+    _number("seed", "seed", can_be_off=True),
     Knob("stop", "stop", _stop, r"end the text before STR (\n for a newline); repeatable"),
 ]
 KNOB_BY_COMMAND = {k.command: k for k in KNOBS}
 
 
 def _metavar(knob) -> str:
-    return "STR" if knob.name == "stop" else "N" if knob.parse in (positive_int, _seed) else "F"
+    return "STR" if knob.name == "stop" else "N" if NUMBERS[knob.name].kind is int else "F"
 
 
 def add_setting_flags(parser, defaults: Settings) -> None:
-    """One flag per knob, parsed as text and checked by check_flags (uniform one-line errors)."""
+    """One flag per knob; the numeric ones are checked by the parser against flags.NUMBERS."""
     for knob in KNOBS:
         if knob.name == "stop":
             parser.add_argument("--stop", action="append", default=[], metavar="STR", help=knob.help)
         else:
-            parser.add_argument(f"--{knob.name}", default=None, metavar=_metavar(knob),
-                                help=f"{knob.help} (default: {getattr(defaults, knob.name)})")
+            parser.add_number(knob.name, shown_default=getattr(defaults, knob.name))
 
 
 def settings_from_flags(args, defaults: Settings) -> Settings:
-    """Settings from parsed flags; a bad value raises ValueError('--flag: reason')."""
+    """Settings from parsed flags (numbers already checked); a bad stop string raises
+    ValueError('--stop: reason')."""
     settings = dataclasses.replace(defaults, stop=list(defaults.stop))
     for knob in KNOBS:
         given = getattr(args, knob.name)
-        try:
-            if knob.name == "stop":
+        if knob.name == "stop":
+            try:
                 settings.stop = [knob.parse(s) for s in given]
-            elif given is not None:
-                setattr(settings, knob.name, knob.parse(given))
-        except ValueError as reason:
-            raise ValueError(f"--{knob.name}: {reason}") from None
+            except ValueError as reason:
+                raise ValueError(f"--stop: {reason}") from None
+        elif given is not None:
+            setattr(settings, knob.name, given)
     return settings
 
 

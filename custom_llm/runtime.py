@@ -1,5 +1,5 @@
 """Running a GGUF of ours through llama.cpp (llama-cpp-python): safe loading, tokenization,
-logits, and generation that follows the project's context rule (see llm_model.py)."""
+logits, and generation that follows the project's context rule (context.py). No torch here."""
 
 import collections
 import contextlib
@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 
 from custom_llm.cli import UserError
-from llm_model import fit_prompt, slide
+from custom_llm.context import fit_prompt, slide
 
 GGUF_MAGIC = b"GGUF"
 _load_lock = threading.Lock()
@@ -205,7 +205,7 @@ class GGUFModel:
     def generate(self, prompt_tokens, max_new_tokens: int, pick_next):
         """Yield new tokens one by one. pick_next(logits) -> token, where logits is a read-only
         view. Stops at <|endoftext|>. An empty prompt starts from <|endoftext|>, as GPT-2 does.
-        Follows the context rule (llm_model.py): no position ever reaches block_size, which
+        Follows the context rule (context.py): no position ever reaches block_size, which
         would abort the whole process inside llama.cpp."""
         window = fit_prompt(prompt_tokens or [self.end_of_text], self.block_size)
         logits = self._decode_window(window)

@@ -1,21 +1,30 @@
-"""The character-level tokenizer, in a shape llama.cpp runs id for id.
+"""The tokenizer, all of it: how it is built, trained, saved, loaded, hashed, and used to encode
+a text of any size in one pass.
 
-llama.cpp's `gpt2` tokenizer is byte-level BPE, so the character tokenizer is built as one:
-  * all 256 byte symbols are in the vocabulary, so text never seen in training (emoji, CJK,
-    control bytes) still encodes, as byte tokens, and decodes back to the same text;
-  * every character seen in training is one token: multi-byte characters are built from their
-    bytes by merges that can only fire inside a character (a UTF-8 lead byte followed by its
-    continuation bytes), so no merge ever crosses a character boundary;
-  * one special token, <|endoftext|>, ends text; no ordinary character does.
-The same vocabulary and merges drive Hugging Face `tokenizers` (training, HF export) and the
-GGUF (llama.cpp), so both tokenize identically.
+Two kinds, both in the shape llama.cpp's `gpt2` tokenizer runs id for id (byte-level BPE):
+  * the character tokenizer (the default): one token per character seen in training.
+    - all 256 byte symbols are in the vocabulary, so text never seen in training (emoji, CJK,
+      control bytes) still encodes, as byte tokens, and decodes back to the same text;
+    - multi-byte characters are built from their bytes by merges that can only fire inside a
+      character (a UTF-8 lead byte followed by its continuation bytes), so no merge ever crosses
+      a character boundary;
+  * a byte-level BPE trained on your text (llm_model.py --tokenizer bpe).
+One special token, <|endoftext|>, ends text; no ordinary character does. The same vocabulary and
+merges drive Hugging Face `tokenizers` (training, HF export) and the GGUF (llama.cpp), so both
+tokenize identically.
 """
 
+import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from custom_llm.atomic import atomic_path
+from custom_llm.cli import UserError
+from custom_llm.textfile import cache_folder, check_text_file, file_hash, read_chunks, save_quietly
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -111,7 +120,6 @@ def build_char_tokenizer(characters) -> Tokenizer:
 def train_bpe_tokenizer(texts, vocab_size: int, length: int = None) -> Tokenizer:
     """A byte-level BPE trained on the given texts (an iterator of strings) up to vocab_size
     tokens, with <|endoftext|> as its one special token: GPT-2's tokenizer, trained on your text."""
-    import sys
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -123,7 +131,6 @@ def train_bpe_tokenizer(texts, vocab_size: int, length: int = None) -> Tokenizer
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    from custom_llm.cli import UserError
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python train_llm.py` first, it writes the tokenizer")
     try:
@@ -134,7 +141,6 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
-    from custom_llm.cli import atomic_path
     with atomic_path(path) as tmp:
         tokenizer.save(tmp)
 
@@ -173,3 +179,86 @@ def char_lookup_table(tokenizer: Tokenizer, missing: int = -1, dtype=np.int32):
             return None
         table[ord(text)] = index
     return table
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.blake2b(tokenizer.to_str().encode(), digest_size=8).hexdigest()
+
+
+class ChunkEncoder:
+    """Encodes text chunk by chunk into a compact id array with numpy lookups. Given no
+    tokenizer, it builds the character tokenizer on the way: each new character gets the next id,
+    so one pass over the text both discovers the vocabulary and encodes it."""
+
+    UNKNOWN = np.iinfo(np.uint16).max          # a character without an id (yet)
+    END_OF_TEXT_ID = UNKNOWN - 1               # placeholder until the final id is known
+
+    def __init__(self, tokenizer=None):
+        self.given = tokenizer
+        self.characters = []
+        self.saw_end_of_text = False
+        if tokenizer is None:
+            self.table = np.full(0x110000, self.UNKNOWN, dtype=np.uint16)
+        elif tokenizer.get_vocab_size() < self.END_OF_TEXT_ID:
+            self.table = char_lookup_table(tokenizer, self.UNKNOWN, np.uint16)  # None for BPE
+        else:
+            self.table = None
+        self.dtype = np.uint16 if tokenizer is None or tokenizer.get_vocab_size() < self.END_OF_TEXT_ID \
+            else np.uint32
+
+    def encode_many(self, texts) -> list:
+        if self.table is None:  # BPE (or a huge vocabulary): the tokenizer, in parallel over chunks
+            return [np.array(e.ids, dtype=self.dtype)
+                    for e in self.given.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode(text) for text in texts]
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.table is None:
+            return np.array(encode(self.given, text), dtype=self.dtype)
+        if END_OF_TEXT in text:
+            parts = []
+            for i, piece in enumerate(text.split(END_OF_TEXT)):
+                if i:
+                    parts.append(np.array([self._end_of_text_id()], dtype=np.uint16))
+                parts.append(self.encode(piece))
+            return np.concatenate(parts)
+        codepoints = (np.frombuffer(text.encode("ascii"), dtype=np.uint8) if text.isascii()
+                      else np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        ids = self.table[codepoints]
+        if ids.size and ids.max() == self.UNKNOWN:
+            if self.given is not None:  # characters this tokenizer only has as bytes
+                return np.array(encode(self.given, text), dtype=np.uint16)
+            new, first_seen = np.unique(codepoints[ids == self.UNKNOWN], return_index=True)
+            for codepoint in new[np.argsort(first_seen)].tolist():  # ids in order of appearance
+                self.table[codepoint] = len(self.characters)
+                self.characters.append(chr(codepoint))
+            if len(self.characters) + 256 >= self.END_OF_TEXT_ID:
+                raise UserError("the text has more than 65,000 distinct characters: a character "
+                                "tokenizer does not suit it")
+            ids = self.table[codepoints]
+        return ids
+
+    def _end_of_text_id(self):
+        self.saw_end_of_text = True
+        return self.given.token_to_id(END_OF_TEXT) if self.given is not None else self.END_OF_TEXT_ID
+
+    def tokenizer(self):
+        return self.given if self.given is not None else build_char_tokenizer(self.characters)
+
+
+def bpe_tokenizer_for(path: str, encoding: str, vocab_size: int):
+    """The BPE tokenizer trained on this text (cached next to it, keyed by content and size)."""
+    check_text_file(path)
+    cached = os.path.join(cache_folder(path), f"{file_hash(path)}.{encoding}.bpe{vocab_size}.tokenizer.json")
+    if os.path.exists(cached):
+        return Tokenizer.from_file(cached), True
+    if vocab_size < 258:
+        raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
+                        "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
+    tokenizer = train_bpe_tokenizer(read_chunks(path, encoding), vocab_size)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        save_quietly(cached, tokenizer.to_str())
+    except OSError:
+        pass
+    return tokenizer, False

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import Terminal, one_line_error, run_script
 
-from llm_model import CONFIG_KEYS, GPTLanguageModel, count_parameters
+from custom_llm.model import CONFIG_KEYS, GPTLanguageModel, count_parameters
 
 DEFAULTS = {"vocab_size": 10000, "n_embd": 256, "n_head": 8, "n_layer": 6, "block_size": 128, "dropout": 0.1}
 

@@ -20,7 +20,8 @@ from custom_llm.export import write_gguf
 from custom_llm.generation import Sampler, Settings, StopStrings, apply_command
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import encode, load_tokenizer
-from llm_model import fit_prompt, load_config, load_trained_model, slide
+from custom_llm.context import fit_prompt, slide
+from custom_llm.files import load_config, load_trained_model
 
 PROMPT = "The miller mends"
 

@@ -13,7 +13,8 @@ from custom_llm.export import write_gguf
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import (BYTE_SYMBOLS, END_OF_TEXT, HARD_STRINGS, build_char_tokenizer, decode,
                                   char_lookup_table, encode, train_bpe_tokenizer)
-from llm_model import GPTLanguageModel, count_parameters, fit_prompt, slide
+from custom_llm.context import fit_prompt, slide
+from custom_llm.model import GPTLanguageModel, count_parameters
 
 CONFIG = {"vocab_size": 300, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16, "dropout": 0.0}
 

@@ -10,7 +10,8 @@ from conftest import TINY, Terminal, one_line_error, run_script
 from custom_llm.export import quantize, write_gguf
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
-from llm_model import GPTLanguageModel, load_config, load_trained_model
+from custom_llm.files import load_config, load_trained_model
+from llm_model import GPTLanguageModel  # as the README shows
 
 PROMPT = "The miller mends"
 

@@ -18,11 +18,13 @@ import torch
 from conftest import REPO, TINY, make_text, one_line_error, run_script
 
 import custom_llm.data as data
+import custom_llm.textfile as textfile
 import custom_llm.training as training
-from custom_llm.cli import UserError, atomic_path
+from custom_llm.atomic import atomic_path
+from custom_llm.cli import UserError
 from custom_llm.tokenizer import build_char_tokenizer, encode, load_tokenizer
 from custom_llm.training import learning_rate_at, make_optimizer, pick_dtype
-from llm_model import GPTLanguageModel
+from custom_llm.model import GPTLanguageModel
 
 QUICK = ["--batch_size", "16", "--learning_rate", "0.003", "-y"]
 
@@ -89,7 +91,7 @@ def test_optimizer_state_round_trips_and_both_kinds_learn():
 
 
 def test_bf16_autocast_keeps_cpu_attention_in_float32(monkeypatch):
-    import llm_model
+    import custom_llm.model as llm_model
     seen = []
     attention = llm_model.F.scaled_dot_product_attention
 
@@ -124,7 +126,7 @@ def test_chunked_preparation_equals_whole_text_encoding(tmp_path, monkeypatch):
     text = make_text(300) + "end of one part<|endoftext|>start of another, ünïcödé 🙂\n" * 3
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 97)  # chunk edges fall inside multi-byte characters
+    monkeypatch.setattr(textfile, "CHUNK_BYTES", 97)  # chunk edges fall inside multi-byte characters
     dataset = data.prepare_dataset(str(path))
     assert not dataset.from_cache
     assert dataset.tokens.dtype == np.uint16
@@ -139,7 +141,7 @@ def test_chunked_bpe_encoding_equals_whole_text_encoding(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     tokenizer = train_bpe_tokenizer(iter([text]), 500)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 211)  # cuts land near whitespace runs
+    monkeypatch.setattr(textfile, "CHUNK_BYTES", 211)  # cuts land near whitespace runs
     dataset = data.prepare_dataset(str(path), tokenizer=tokenizer)
     assert dataset.tokens.tolist() == encode(tokenizer, text)
 
@@ -159,7 +161,7 @@ def test_token_cache_is_used_and_invalidated(tmp_path):
 
 
 def test_bad_bytes_are_reported_with_their_offset(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 10)
+    monkeypatch.setattr(textfile, "CHUNK_BYTES", 10)
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo wörld, ".encode() * 5 + b"\xff" + b" tail")
     offset = len("héllo wörld, ".encode() * 5)
@@ -418,7 +420,7 @@ def test_bad_training_flags(configured, flags, reason):
 
 
 def test_one_enormous_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(textfile, "CHUNK_BYTES", 1000)
     text = ("word ünïcode 日本 🙂 " * 2000).strip()  # no newline at all, chunks cut between characters
     path = tmp_path / "line.txt"
     path.write_text(text, encoding="utf-8")
@@ -429,7 +431,7 @@ def test_one_enormous_line(tmp_path, monkeypatch):
 def test_unreadable_text(tmp_path, monkeypatch):
     path = tmp_path / "secret.txt"
     path.write_text("some text\n" * 100)
-    monkeypatch.setattr(data.os, "access", lambda *a: False)  # as root, permissions never refuse
+    monkeypatch.setattr(textfile.os, "access", lambda *a: False)  # as root, permissions never refuse
     with pytest.raises(UserError, match="secret.txt is not readable"):
         data.prepare_dataset(str(path))
 

@@ -1,0 +1,57 @@
+"""Checking an export against the PyTorch model it came from: the same tokens on the hard
+strings, the same likeliest next token, logits within tolerance, on held-out windows of the
+training text. convert_to_gguf.py runs these after every export; the benchmarks reuse them."""
+
+import os
+
+import numpy as np
+
+from custom_llm.cli import UserError
+from custom_llm.data import prepare_dataset
+from custom_llm.evaluation import pytorch_logits
+from custom_llm.tokenizer import HARD_STRINGS, encode
+
+
+def held_out_tokens(eval_text, config, tokenizer):
+    """(tokens, where they come from): all of eval_text, else the last 10% of the training text
+    (which training never learned from). (None, None) when neither is there."""
+    if eval_text:
+        if not os.path.isfile(eval_text):
+            raise UserError(f"--eval_text {eval_text} is not a file: give the path of a text "
+                            "file to evaluate on", 2)
+        return prepare_dataset(eval_text, tokenizer=tokenizer).tokens.tolist(), eval_text
+    path = config.get("dataset_path")
+    if path and os.path.exists(path):  # the same validation tokens training used
+        return prepare_dataset(path, tokenizer=tokenizer).val.tolist(), f"the last 10% of {path}"
+    return None, None
+
+
+def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
+    """Up to `count` windows of block_size tokens, for the quick checks."""
+    windows = [tokens[i:i + block_size] for i in range(0, len(tokens) - block_size + 1, block_size)]
+    return windows[:count] or ([tokens] if tokens else [])
+
+
+def check_export(export_format, path, model, tokenizer, windows) -> dict:
+    """Read the export at path back (export.Format's reader) and compare it with the model:
+    tokens_agree (hard strings tokenized the same, of len(HARD_STRINGS)), next_agree (share
+    of positions with the same likeliest next token), rel_error (worst max |difference| /
+    max |logit| over the windows), size in bytes and bits per weight (None where not known)."""
+    export = export_format.load(path)
+    agree = sum(export.tokenize(s) == encode(tokenizer, s) for s in HARD_STRINGS)
+    expected_of = pytorch_logits(model)
+    same_next, total, worst = 0, 0, 0.0
+    for window in windows:
+        expected, got = expected_of(window), export.logits(window)
+        worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+        same_next += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(window)
+    bits_per_weight = export_format.bits_per_weight(path) if export_format.bits_per_weight else None
+    return {"size": _size(path), "bpw": bits_per_weight, "tokens_agree": agree,
+            "next_agree": same_next / max(1, total), "rel_error": worst}
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)

@@ -1,0 +1,112 @@
+"""Reading a training text: checks, chunked decoding of a file of any size, its content hash,
+and the cache folder beside it (.token_cache/) where tokenizers and token files are kept."""
+
+import codecs
+import hashlib
+import os
+
+from custom_llm.atomic import atomic_path
+from custom_llm.cli import UserError
+
+CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in the CPU cache (measured fastest)
+
+
+def check_text_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist: give the path of a text file with --dataset_path", 2)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give the path of a text file with --dataset_path", 2)
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path} is not readable (permission denied): check its permissions")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty: training needs some text")
+
+
+def read_chunks(path: str, encoding: str = "utf-8"):
+    """Yield the text chunk by chunk. Chunks end after a newline where there is one, so a
+    multi-character token such as <|endoftext|> is never cut in two."""
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        raise UserError(f"unknown --encoding {encoding!r}", 2) from None
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    carry, offset = b"", 0  # offset: where the next decoded piece starts in the file
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK_BYTES)
+                if offset == 0 and utf8 and b"\x00" in raw[:8192]:
+                    raise UserError(f"{path} looks like a binary file (it has NUL bytes), not text")
+                if not utf8:  # any other encoding: its incremental decoder finds the boundaries
+                    text = _decode(decoder, raw, not raw, path, encoding, offset)
+                    offset += len(raw)
+                    if text:
+                        yield text
+                    if not raw:
+                        return
+                    continue
+                # UTF-8: a newline byte is never part of a longer character, so cut after a
+                # newline and decode whole pieces; the rest waits for the next read.
+                data = carry + raw
+                cut = _safe_cut(data) if raw else len(data)
+                if cut == 0 and len(data) < 16 * CHUNK_BYTES:
+                    carry = data  # no safe cut yet: read on
+                    continue
+                if cut == 0:  # one enormous line: cut anywhere outside a character
+                    cut = len(data) - 1
+                    while cut > 0 and (data[cut] & 0xC0) == 0x80:
+                        cut -= 1
+                if cut:
+                    yield _decode(decoder, data[:cut], True, path, encoding, offset)
+                offset += cut
+                carry = data[cut:]
+                if not raw:
+                    return
+    except PermissionError:
+        raise UserError(f"{path} is not readable (permission denied): check its permissions") from None
+
+
+SPACE_BYTES = b" \t\n\r\x0b\x0c"
+
+
+def _safe_cut(data: bytes) -> int:
+    """A cut point where no tokenizer's pre-tokenization (GPT-2's, which splits off whitespace
+    runs and joins one space to the word after it) can join anything across: just after a lone
+    newline between two non-space bytes, or else just before a lone space. 0 when there is none."""
+    for separator, after in ((b"\n", 1), (b" ", 0)):
+        position = len(data)
+        while (position := data.rfind(separator, 0, position)) > 0:
+            if position + 1 < len(data) and data[position - 1] not in SPACE_BYTES \
+                    and data[position + 1] not in SPACE_BYTES:
+                return position + after
+    return 0
+
+
+def _decode(decoder, data, final, path, encoding, offset):
+    try:
+        return decoder.decode(data, final=final)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not valid {encoding}: bad byte at byte offset {offset + err.start}; "
+                        "convert it to UTF-8 or pass --encoding (e.g. latin-1)") from None
+
+
+def file_hash(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_folder(text_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(text_path)), ".token_cache")
+
+
+def save_quietly(path, content):
+    """Cache files are an optimisation: failing to write one is not an error."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(content)
+    except (OSError, UserError):
+        pass
