@@ -6,13 +6,15 @@ import math
 import os
 import re
 import select
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Terminal, one_line_error, run_script
+from conftest import REPO, Terminal, one_line_error, run_script
 from hypothesis import given, settings as hsettings, strategies as st
 
 from custom_llm.data import VALIDATION_FRACTION, prepare_dataset
@@ -214,6 +216,10 @@ def test_repeat_penalty_follows_its_definition(trained):
     got = generate_json(folder, *args, "--repeat_penalty", penalty, "--repeat_last_n", last_n)[0]
     assert got["tokens"] == expected
     assert generate_json(folder, *args)[0]["tokens"] != expected
+    # PyTorch generate() applies the same penalty through the same sampler.
+    pytorch = model.generate(torch.tensor([encode(tokenizer, PROMPT)]), n_new, temperature=0,
+                             repeat_penalty=penalty, repeat_last_n=last_n)
+    assert pytorch[0, len(PROMPT):].tolist() == expected
 
 
 def test_sampler_filters():
@@ -233,6 +239,19 @@ def test_sampler_filters():
     assert Sampler(Settings(temperature=0))(logits) == 0
     seeded = [Sampler(Settings(temperature=1.0, seed=3)) for _ in range(2)]
     assert [seeded[0](logits) for _ in range(50)] == [seeded[1](logits) for _ in range(50)]
+
+
+# ------------------------------------------------------------------------- start-up
+
+def test_inference_starts_without_torch():
+    """The llama.cpp path never imports torch: inference_gguf.py, the context rule, the sampler,
+    the flag table and the runtime."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import inference_gguf; "
+            "import custom_llm.context, custom_llm.flags, custom_llm.generation, custom_llm.runtime; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------- PyTorch KV cache

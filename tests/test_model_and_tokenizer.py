@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from custom_llm.export import write_gguf
+from custom_llm.generation import Sampler, Settings
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import (BYTE_SYMBOLS, END_OF_TEXT, HARD_STRINGS, build_char_tokenizer, decode,
                                   char_lookup_table, encode, train_bpe_tokenizer)
 from custom_llm.context import fit_prompt, slide
-from custom_llm.model import GPTLanguageModel, count_parameters
+from custom_llm.model import GPTLanguageModel, KVCache, count_parameters
 
 CONFIG = {"vocab_size": 300, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16, "dropout": 0.0}
 
@@ -57,6 +58,51 @@ def test_generate_runs_far_past_the_context():
     assert out.shape == (2, 140) and torch.equal(out[:, :40], prompt)
     sampled = model.generate(prompt[:, :3], 20, temperature=1.0, top_k=5)
     assert sampled.shape == (2, 23) and int(sampled.max()) < 300
+
+
+def test_one_forward_pass_with_or_without_a_kv_cache():
+    torch.manual_seed(0)
+    model = GPTLanguageModel(CONFIG).eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        whole = model(idx)[0]
+        cache = KVCache()   # the same positions fed in pieces: a window, one token, several tokens
+        pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 9), (9, 10), (10, 16))]
+    assert len(cache) == 16
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+    with pytest.raises(ValueError):
+        model(idx[:, :1], kv_cache=cache)   # position 16 is past block_size
+
+
+def test_generate_samples_with_the_inference_sampler():
+    """PyTorch generate() draws what generation.Sampler (inference_gguf.py's sampler) draws from
+    the model's logits, and every sampling control works there."""
+    torch.manual_seed(0)
+    model = GPTLanguageModel(CONFIG).eval()
+    prompt = torch.randint(0, 300, (1, 5))
+    n = 40                                   # past block_size: the window slides
+    greedy = model.generate(prompt, n, temperature=0)
+    for narrow in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}):
+        assert torch.equal(model.generate(prompt, n, temperature=2.0, seed=1, **narrow), greedy), narrow
+    controls = {"temperature": 1.3, "top_k": 50, "top_p": 0.9, "min_p": 0.01, "repeat_penalty": 1.3,
+                "repeat_last_n": 8, "seed": 7}
+    sampled = model.generate(prompt, n, **controls)
+    assert torch.equal(model.generate(prompt, n, **controls), sampled)          # same seed, same text
+    assert not torch.equal(model.generate(prompt, n, **{**controls, "seed": 8}), sampled)
+    sampler = Sampler(Settings(**controls))
+    tokens = prompt[0].tolist()
+    sampler.start(tokens)
+    window = fit_prompt(tokens, CONFIG["block_size"])
+    with torch.no_grad():
+        for _ in range(n):   # the context rule by hand, re-reading the window for every token
+            token = sampler(model(torch.tensor([window]))[0][0, -1].numpy())
+            tokens.append(token)
+            window = slide(window + [token], CONFIG["block_size"])
+    assert sampled[0].tolist() == tokens
+    torch.manual_seed(3)   # without a seed, torch's generator decides, as before
+    first = model.generate(prompt, n, temperature=1.0)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(prompt, n, temperature=1.0), first)
 
 
 # ------------------------------------------------------------------------- tokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, Terminal, one_line_error, run_script
 
-from custom_llm.export import quantize, write_gguf
+from custom_llm.export import FORMATS, quantize, write_gguf
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
 from custom_llm.files import load_config, load_trained_model
@@ -81,6 +81,18 @@ def test_convert_checks_its_own_output(trained):
         assert "bits/weight" in line
     f16_error = float(re.search(r"Check model.gguf:.*max relative logit error (\S+)", out).group(1))
     assert f16_error < 1e-2
+
+
+def test_every_export_format_is_written_and_checked(trained):
+    """convert_to_gguf.py writes each entry of export.FORMATS and checks it against the model."""
+    folder, results = trained
+    out = results["convert"].stdout
+    for export_format in FORMATS:
+        assert (folder / export_format.default).exists()
+        line = next(line for line in out.splitlines() if line.startswith(f"Check {export_format.default}"))
+        assert f"tokenization {len(HARD_STRINGS)}/{len(HARD_STRINGS)} strings equal" in line, line
+        error = float(re.search(r"max relative logit error (\S+)", line).group(1))
+        assert error < export_format.tolerance
 
 
 def test_hf_export_loads_offline_and_matches(trained):

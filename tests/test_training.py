@@ -419,6 +419,43 @@ def test_bad_training_flags(configured, flags, reason):
     assert reason in line
 
 
+@pytest.mark.parametrize("script,flag,value,reason", [
+    ("train_llm.py", "--seed", "-1", "at least 0"),
+    ("train_llm.py", "--seed", "1.5", "not a whole number"),
+    ("train_llm.py", "--weight_decay", "-0.1", "at least 0"),
+    ("train_llm.py", "--grad_clip", "-1", "at least 0"),
+    ("train_llm.py", "--min_lr_ratio", "1.5", "at most 1"),
+    ("train_llm.py", "--min_lr_ratio", "-0.5", "at least 0"),
+    ("train_llm.py", "--warmup_steps", "-1", "at least 0"),
+    ("train_llm.py", "--checkpoint_minutes", "0", "positive"),
+    ("train_llm.py", "--checkpoint_interval", "0", "positive"),
+    ("train_llm.py", "--eval_interval", "0", "positive"),
+    ("train_llm.py", "--eval_batches", "-2", "positive"),
+    ("train_llm.py", "--grad_accum_steps", "0", "positive"),
+    ("train_llm.py", "--learning_rate", "nan", "finite"),
+    ("train_llm.py", "--batch_size", "0", "positive"),
+    ("llm_model.py", "--n_head", "0", "positive"),
+    ("convert_to_gguf.py", "--eval_tokens", "-1", "at least 0"),
+    ("inference_gguf.py", "--threads", "0", "positive"),
+    ("inference_gguf.py", "--top_p", "2", "at most 1"),
+])
+def test_numbers_are_checked_before_anything_is_read_or_written(tmp_path, script, flag, value, reason):
+    """Every numeric flag has a range (custom_llm/flags.py), checked first: in an empty folder the
+    error is about the flag, not about a missing file, and nothing is written."""
+    line = one_line_error(run_script(script, flag, value, cwd=tmp_path), 2)
+    assert line.startswith(f"error: {flag}: ") and value in line and reason in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_grad_clip_zero_trains_without_clipping(configured):
+    folder, text_file = configured
+    result = run_script("train_llm.py", "--dataset_path", text_file, *QUICK, "--grad_clip", "0",
+                        "--max_steps", 30, "--eval_interval", 10, "--eval_batches", 2, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.3   # it learns: 0 turns clipping off
+
+
 def test_one_enormous_line(tmp_path, monkeypatch):
     monkeypatch.setattr(textfile, "CHUNK_BYTES", 1000)
     text = ("word ünïcode 日本 🙂 " * 2000).strip()  # no newline at all, chunks cut between characters
