@@ -42,7 +42,7 @@ def parse_args():
     parser.add_argument("--tokenizer_path", default="tokenizer.json")
     for export_format in FORMATS:
         parser.add_argument(f"--{export_format.flag}", default=export_format.default,
-                            help=f"where to write the {export_format.description} export")
+                            help=f"where to write the {export_format.description} export (default: %(default)s)")
     parser.add_argument("--quant_type", default=None,
                         help="llama.cpp quantization type(s), comma-separated (default Q4_0; e.g. Q8_0,Q4_K_M)")
     parser.add_argument("--report", action="store_true",

@@ -200,16 +200,17 @@ def train_loop(training, args):
 
 
 def report(training, args, say):
-    """The loss curve, and what the training achieved."""
+    """The loss curve, and what the run achieved."""
     elapsed = time.time() - training.started
     if training.processes.is_main:
         plot_losses(args.metrics_path, args.plot_path)
-    s = training.schedule
+    s, best_val = training.schedule, training.best_val
+    steps_run = s.total_steps - training.tokens_at_start // s.tokens_per_step
+    tokens_run = s.total_steps * s.tokens_per_step - training.tokens_at_start
     # Bits per character make char and BPE models comparable: loss per token / characters per token.
-    say(f"Saved {args.output}: weights from step {training.best_step} (validation loss {training.best_val:.4f} per token, "
-        f"{training.best_val / math.log(2) / training.dataset.characters_per_token:.3f} bits per character); "
-        f"{s.total_steps - training.tokens_at_start // s.tokens_per_step} "
-        f"steps in {elapsed:.1f}s, {(s.total_steps * s.tokens_per_step - training.tokens_at_start) / elapsed:,.0f} tokens/s. "
+    say(f"Saved {args.output}: weights from step {training.best_step} (validation loss {best_val:.4f} per token, "
+        f"{best_val / math.log(2) / training.dataset.characters_per_token:.3f} bits per character); "
+        f"{steps_run} steps in {elapsed:.1f}s, {tokens_run / elapsed:,.0f} tokens/s. "
         f"Log: {args.metrics_path}, curve: {args.plot_path}")
 
 

@@ -108,9 +108,12 @@ class Question:
 def add_question_flags(parser: ArgumentParser, questions) -> None:
     """A flag per question; numeric ones are checked by parse_args, before anything else runs."""
     for q in questions:
+        number = NUMBERS.get(q.name)
         parser.add_argument(f"--{q.name}", type=str, default=None,
-                            help=f"{q.prompt} (default: {q.default})")
-        if q.name in NUMBERS:
+                            metavar=None if number is None else "N" if number.kind is int else "F",
+                            help=q.prompt + ("" if number is None else f"; {number.describe()}")
+                            + f" (default: {q.default})")
+        if number is not None:
             parser.numbers.append(q.name)
     parser.add_argument("--yes", "-y", action="store_true",
                         help="take the default for every question not given as a flag")

@@ -56,6 +56,8 @@ class Number:
 
 
 def _show(bound) -> str:
+    if bound == 2 ** 63 - 1:
+        return "2**63 - 1"
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
