@@ -12,6 +12,7 @@ import torch
 
 from custom_llm.cli import UserError, atomic_path
 from custom_llm.data import get_batch, random_offsets, tokenizer_hash
+from custom_llm.muon import Muon
 from llm_model import CONFIG_KEYS, load_weights_only
 
 
@@ -24,14 +25,16 @@ def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: 
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, learning_rate: float, weight_decay: float, device: str, kind: str = "muon"):
+def make_optimizer(model, learning_rate: float, weight_decay: float, device: str, kind: str = "muon",
+                   orthogonalize_dtype=torch.float32):
     """The optimizer for a training run.
 
     muon (the default): Muon for the weight matrices inside the transformer blocks, AdamW for the
     embeddings, the output head, biases and LayerNorms. Muon orthogonalizes each matrix's update
     (Newton-Schulz iterations); with "match_rms_adamw" its step is scaled to AdamW's size, so one
     learning rate serves both. On tinyshakespeare it reaches a given validation loss with about
-    half the tokens AdamW needs (benchmarks/bench_training.py).
+    half the tokens AdamW needs (benchmarks/bench_training.py). Its orthogonalization runs in
+    orthogonalize_dtype: bfloat16 only where this machine multiplies bfloat16 matrices fast.
     adamw: AdamW for everything.
     Weight decay applies to matrices only, never to biases or LayerNorms."""
     named = list(model.named_parameters())
@@ -45,8 +48,8 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, device: str
 
     if kind == "adamw":
         return Optimizers(adamw([p for _, p in named if p.dim() == 2]))  # in model order, as checkpoints
-    muon = torch.optim.Muon(block_matrices, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = Muon(block_matrices, orthogonalize_dtype, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw(other_matrices))
 
 
