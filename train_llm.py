@@ -190,7 +190,7 @@ def train_loop(training, args):
             if stopping:
                 training.close_progress()
                 if is_main:
-                    print(f"Stopped at step {training.step}/{training.schedule.total_steps}; checkpoint saved to "
+                    print(f"Stopped at step {training.step}/{training.steps.total_steps}; checkpoint saved to "
                           f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", file=sys.stderr)
                 raise SystemExit(130)
             if training.epoch_ended():
@@ -204,7 +204,7 @@ def report(training, args, say):
     elapsed = time.time() - training.started
     if training.processes.is_main:
         plot_losses(args.metrics_path, args.plot_path)
-    s, best_val = training.schedule, training.best_val
+    s, best_val = training.steps, training.best_val
     steps_run = s.total_steps - training.tokens_at_start // s.tokens_per_step
     tokens_run = s.total_steps * s.tokens_per_step - training.tokens_at_start
     # Bits per character make char and BPE models comparable: loss per token / characters per token.

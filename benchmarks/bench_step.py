@@ -1,12 +1,14 @@
-"""Per-step training speed of the benchmark model under each option train_llm.py can use.
+"""Per-step training speed under each precision and optimizer option, on this CPU.
 
-    python benchmarks/bench_step.py                 # 4 layers, 4 heads, n_embd 128, block 64
-    python benchmarks/bench_step.py --batch_size 64 --compile
+    python benchmarks/bench_step.py                     # the benchmark model (0.8M) at batch 128
+    python benchmarks/bench_step.py --model default     # llm_model.py's default shape (4.9M)
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_step.py   # a plain AVX2 CPU
 
 One training step (forward, backward, clipping, optimizer) on random tokens, timed after a
 warm-up; every option runs in this one process, one after the other, so the ratios compare like
-with like. Printed: tokens/s per option and its ratio to float32 with AdamW, then the attention
-kernel alone in float32 and bfloat16 (why the model keeps CPU attention in float32).
+with like. Printed: the CPU, what `--dtype auto` picks here and why, tokens/s per option and its
+ratio to float32 AdamW, the cost of Muon over AdamW in each precision, and the attention kernel
+alone in both precisions (why the model keeps CPU attention in float32).
 """
 
 import argparse
@@ -19,41 +21,48 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from custom_llm.training import cpu_has_amx, make_optimizer  # noqa: E402
 from custom_llm.model import GPTLanguageModel  # noqa: E402
+from custom_llm.precision import choose_precision, cpu_summary  # noqa: E402
+from custom_llm.training import make_optimizer  # noqa: E402
+
+MODELS = {
+    "bench": {"vocab_size": 65, "n_embd": 128, "n_head": 4, "n_layer": 4, "block_size": 64, "dropout": 0.0},
+    "default": {"vocab_size": 100, "n_embd": 256, "n_head": 8, "n_layer": 6, "block_size": 128, "dropout": 0.0},
+}
 
 
-def tokens_per_second(config, batch_size, optimizer_kind, bf16, compiled, steps, warmup):
+def seconds_per_step(config, batch_size, optimizer_kind, bf16, orthogonalize_dtype, steps, warmup, torch_muon=False):
     torch.manual_seed(0)
     model = GPTLanguageModel(config)
-    optimizer = make_optimizer(model, 0.01, 0.1, "cpu", optimizer_kind)
-    train_model = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, 0.01, 0.1, "cpu", optimizer_kind, orthogonalize_dtype)
+    if torch_muon:  # torch.optim.Muon itself, which always orthogonalizes in bfloat16
+        blocks = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("h.")]
+        optimizer.optimizers = (torch.optim.Muon(blocks, lr=0.01, adjust_lr_fn="match_rms_adamw"),
+                                optimizer.optimizers[1])
     x = torch.randint(0, config["vocab_size"], (batch_size, config["block_size"]))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step():
         with autocast():
-            _, loss = train_model(x, x)
+            _, loss = model(x, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    started = time.perf_counter()
     for _ in range(warmup):
         step()
-    warmup_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    return batch_size * config["block_size"] * steps / (time.perf_counter() - started), warmup_seconds
+    return (time.perf_counter() - started) / steps
 
 
-def attention_milliseconds(batch_size, config, dtype, repeats=30):
+def attention_milliseconds(batch_size, config, dtype, repeats=10):
     head_dim = config["n_embd"] // config["n_head"]
     q, k, v = (torch.randn(batch_size, config["n_head"], config["block_size"], head_dim, dtype=dtype,
                            requires_grad=True) for _ in range(3))
-    for _ in range(3):
+    for _ in range(2):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     started = time.perf_counter()
     for _ in range(repeats):
@@ -63,27 +72,39 @@ def attention_milliseconds(batch_size, config, dtype, repeats=30):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="bench")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to start)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per option (default: 20, or 5 "
+                                                                "for the default model)")
+    parser.add_argument("--torch_muon", action="store_true",
+                        help="also time torch.optim.Muon (bfloat16 orthogonalization) under float32")
     args = parser.parse_args()
-    config = {"vocab_size": 65, "n_embd": 128, "n_head": 4, "n_layer": 4, "block_size": 64, "dropout": 0.0}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX: {cpu_has_amx()}; "
-          f"batch {args.batch_size} x {config['block_size']} tokens")
-
-    options = [("float32, AdamW", "adamw", False, False), ("float32, Muon", "muon", False, False),
-               ("bf16 autocast, AdamW", "adamw", True, False), ("bf16 autocast, Muon", "muon", True, False)]
-    if args.compile:
-        options += [("bf16 autocast, Muon, compiled", "muon", True, True)]
-    baseline = None
-    for name, kind, bf16, compiled in options:
-        rate, warmup_seconds = tokens_per_second(config, args.batch_size, kind, bf16, compiled, args.steps,
-                                                 warmup=5)
-        baseline = baseline or rate
-        print(f"  {name:32} {rate:9,.0f} tokens/s  {rate / baseline:5.2f}x"
-              + (f"  (first 5 steps, with compiling: {warmup_seconds:.1f}s)" if compiled else ""))
+    config = MODELS[args.model]
+    steps = args.steps or (20 if args.model == "bench" else 5)
+    tokens = args.batch_size * config["block_size"]
+    print(f"CPU: {cpu_summary()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; --dtype auto picks "
+          f"{choose_precision('auto', 'cpu').describe()}")
+    print(f"model {args.model} (n_layer {config['n_layer']}, n_embd {config['n_embd']}, block_size "
+          f"{config['block_size']}), batch {args.batch_size} x {config['block_size']} tokens, {steps} timed steps\n")
+    print(f"| option | tokens/s | vs float32 AdamW |\n|---|---:|---:|")
+    options = [("float32, AdamW", "adamw", False, torch.float32),
+               ("float32, Muon (float32 orthogonalization)", "muon", False, torch.float32),
+               ("bf16 autocast, AdamW", "adamw", True, torch.bfloat16),
+               ("bf16 autocast, Muon (bfloat16 orthogonalization)", "muon", True, torch.bfloat16)]
+    seconds = {}
+    for name, kind, bf16, ortho in options:
+        seconds[name] = seconds_per_step(config, args.batch_size, kind, bf16, ortho, steps, warmup=2)
+    if args.torch_muon:
+        name = "float32, torch.optim.Muon (bfloat16 orthogonalization)"
+        seconds[name] = seconds_per_step(config, args.batch_size, "muon", False, torch.float32, steps, 2, True)
+    baseline = seconds["float32, AdamW"]
+    for name, s in seconds.items():
+        print(f"| {name} | {tokens / s:,.0f} | {baseline / s:.2f}x |")
+    for precision, adamw, muon in (("float32", options[0][0], options[1][0]), ("bf16", options[2][0], options[3][0])):
+        print(f"Muon step over AdamW step, {precision}: {100 * (seconds[muon] / seconds[adamw] - 1):+.1f}%")
     fp32, bf16 = (attention_milliseconds(args.batch_size, config, dtype) for dtype in (torch.float32, torch.bfloat16))
-    print(f"  attention alone, forward + backward per layer: float32 {fp32:.2f} ms, bfloat16 {bf16:.2f} ms "
+    print(f"attention alone, forward + backward per layer: float32 {fp32:.2f} ms, bfloat16 {bf16:.2f} ms "
           f"({bf16 / fp32:.1f}x)")
 
 

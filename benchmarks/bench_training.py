@@ -21,6 +21,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from custom_llm.precision import cpu_summary  # noqa: E402
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 TARGET_LOSS = 1.886
 MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
@@ -103,7 +105,7 @@ def main():
     extra = [e for e in extra if e != "--"]
     workdir = tempfile.mkdtemp(prefix="bench-training-")
     try:
-        print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; text: {args.text}")
+        print(f"CPU: {cpu_summary()}\ntext: {args.text}")
         nano = None
         if not args.skip_nanogpt:
             if not args.nanogpt:
@@ -140,14 +142,6 @@ def main():
 
 def fmt(value):
     return f"{value:.4f}" if value is not None else "-"
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

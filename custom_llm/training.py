@@ -18,6 +18,7 @@ from custom_llm.atomic import atomic_path
 from custom_llm.cli import UserError
 from custom_llm.data import get_batch, random_offsets
 from custom_llm.files import save_checkpoint, save_weights
+from custom_llm.muon import Muon
 from custom_llm.tokenizer import tokenizer_hash
 
 
@@ -30,14 +31,16 @@ def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: 
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, learning_rate: float, weight_decay: float, device: str, kind: str = "muon"):
+def make_optimizer(model, learning_rate: float, weight_decay: float, device: str, kind: str = "muon",
+                   orthogonalize_dtype=torch.float32):
     """The optimizer for a training run.
 
     muon (the default): Muon for the weight matrices inside the transformer blocks, AdamW for the
     embeddings, the output head, biases and LayerNorms. Muon orthogonalizes each matrix's update
     (Newton-Schulz iterations); with "match_rms_adamw" its step is scaled to AdamW's size, so one
     learning rate serves both. On tinyshakespeare it reaches a given validation loss with about
-    half the tokens AdamW needs (benchmarks/bench_training.py).
+    half the tokens AdamW needs (benchmarks/bench_training.py). Its orthogonalization runs in
+    orthogonalize_dtype: bfloat16 only where this machine multiplies bfloat16 matrices fast.
     adamw: AdamW for everything.
     Weight decay applies to matrices only, never to biases or LayerNorms."""
     named = list(model.named_parameters())
@@ -51,8 +54,8 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, device: str
 
     if kind == "adamw":
         return Optimizers(adamw([p for _, p in named if p.dim() == 2]))  # in model order, as checkpoints
-    muon = torch.optim.Muon(block_matrices, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = Muon(block_matrices, orthogonalize_dtype, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                adjust_lr_fn="match_rms_adamw")
     return Optimizers(muon, adamw(other_matrices))
 
 
@@ -169,7 +172,7 @@ def plot_losses(metrics_path, plot_path):
 # ------------------------------------------------------------------------------ the run
 
 @dataclass
-class Schedule:
+class StepPlan:
     """How long a run is. Each step trains on batch_size windows per process and accumulation
     step: processes × grad_accum_steps micro-batches drawn together, so the same effective batch
     gives the same training on any number of processes."""
@@ -183,7 +186,7 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def of(cls, plan: dict, n_train_tokens: int, block_size: int, world_size: int) -> "Schedule":
+    def of(cls, plan: dict, n_train_tokens: int, block_size: int, world_size: int) -> "StepPlan":
         batch_size, accumulation = plan["batch_size"], plan["grad_accum_steps"]
         micro_batches = world_size * accumulation
         tokens_per_step = batch_size * block_size * micro_batches
@@ -198,7 +201,7 @@ class Schedule:
 
 class TrainingRun:
     """A training run: the model (and its compiled or distributed wrapper), the optimizer, the
-    random draws, the schedule, and where the run stands. Its methods are the loop's steps."""
+    random draws, the step plan, and where the run stands. Its methods are the loop's steps."""
 
     def __init__(self, model, plan, dataset, processes, compile_mode: str, checkpoint=None):
         self.model, self.plan, self.dataset, self.processes = model, plan, dataset, processes
@@ -207,7 +210,7 @@ class TrainingRun:
         self.optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], self.device_type,
                                         plan["optimizer"])
         self.generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
-        self.schedule = Schedule.of(plan, len(dataset.train), self.block_size, processes.world_size)
+        self.steps = StepPlan.of(plan, len(dataset.train), self.block_size, processes.world_size)
         self.step, self.best_val, self.best_step, self.last_eval_step = 0, float("inf"), None, 0
         self.elapsed_before, self.val_loss = 0.0, float("nan")
         if checkpoint:
@@ -226,7 +229,7 @@ class TrainingRun:
         self.progress, self.epoch, self.epoch_end = None, None, None
         self.lr = self.tokens_per_s = 0.0   # of the latest step
         self.window_losses, self.epoch_losses = [], []
-        self.tokens_at_start = self.step * self.schedule.tokens_per_step
+        self.tokens_at_start = self.step * self.steps.tokens_per_step
         self.started = self.last_checkpoint = time.time()
 
     def restore(self, checkpoint) -> None:
@@ -240,7 +243,7 @@ class TrainingRun:
         self.elapsed_before = checkpoint["elapsed"]
 
     def summary(self) -> str:
-        s, plan = self.schedule, self.plan
+        s, plan = self.steps, self.plan
         return (f"Training on {self.device_type} with {self.model.num_parameters() / 1e6:.2f}M parameters: "
                 f"{s.n_epochs} epoch(s) of {s.steps_per_epoch} steps, {s.total_steps} steps in all; effective batch "
                 f"{s.batch_size * s.micro_batches} windows ({s.tokens_per_step:,} tokens) = {s.batch_size} x "
@@ -250,7 +253,7 @@ class TrainingRun:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.schedule.total_steps
+        return self.step >= self.steps.total_steps
 
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -265,7 +268,7 @@ class TrainingRun:
         """One optimizer step on a fresh draw of windows, at the schedule's learning rate."""
         if self.progress is None:
             self._open_epoch()
-        s = self.schedule
+        s = self.steps
         self.lr = learning_rate_at(self.step, s.total_steps, self.plan["learning_rate"], s.warmup_steps,
                                    self.plan["min_lr_ratio"])
         for group in self.optimizer.param_groups:
@@ -284,7 +287,7 @@ class TrainingRun:
 
     def _accumulate_gradients(self) -> float:
         """Forward and backward over this process's micro-batches; returns their mean loss."""
-        s, processes = self.schedule, self.processes
+        s, processes = self.steps, self.processes
         offsets = random_offsets(self.generator, len(self.dataset.train), self.block_size,
                                  s.batch_size * s.micro_batches)
         loss_value = 0.0
@@ -303,7 +306,7 @@ class TrainingRun:
     # ------------------------------------------------------------------- epochs
 
     def _open_epoch(self) -> None:
-        s = self.schedule
+        s = self.steps
         self.epoch = epoch = self.step // s.steps_per_epoch
         self.epoch_end = min(s.total_steps, (epoch + 1) * s.steps_per_epoch)
         self.progress = tqdm(total=self.epoch_end - epoch * s.steps_per_epoch,
@@ -320,7 +323,7 @@ class TrainingRun:
         epoch_loss = self.processes.mean(float(np.mean(losses))) if losses else float("nan")
         self.epoch_losses = []
         if self.processes.is_main:
-            print(f"Epoch {self.epoch + 1}/{self.schedule.n_epochs}, Loss: {epoch_loss:.4f}, Validation loss: "
+            print(f"Epoch {self.epoch + 1}/{self.steps.n_epochs}, Loss: {epoch_loss:.4f}, Validation loss: "
                   f"{self.val_loss:.4f} (best {self.best_val:.4f} at step {self.best_step})", flush=True)
 
     def close_progress(self) -> None:
@@ -338,7 +341,7 @@ class TrainingRun:
         """Validation loss; rank 0 saves the weights when it is the best so far and logs a line."""
         self.last_eval_step = self.step
         # Every process evaluates the same windows, so they stay in step without waiting.
-        self.val_loss = estimate_loss(self.model, self.dataset.val, self.schedule.batch_size, self.block_size,
+        self.val_loss = estimate_loss(self.model, self.dataset.val, self.steps.batch_size, self.block_size,
                                       self.plan["eval_batches"], self.processes.device, self.autocast)
         train_loss = self.processes.mean(float(np.mean(self.window_losses)))
         self.window_losses = []
@@ -347,7 +350,7 @@ class TrainingRun:
                 save_weights(self.model, weights_path)
             with open(metrics_path, "a") as log:
                 log.write(json.dumps({
-                    "step": self.step, "tokens": self.step * self.schedule.tokens_per_step,
+                    "step": self.step, "tokens": self.step * self.steps.tokens_per_step,
                     "train_loss": round(train_loss, 5), "val_loss": round(self.val_loss, 5),
                     "lr": self.lr, "tokens_per_s": round(self.tokens_per_s),
                     "elapsed_s": round(self.elapsed(), 2), "time": round(time.time(), 3)}) + "\n")

@@ -1,0 +1,69 @@
+"""Muon whose Newton-Schulz orthogonalization runs in the dtype chosen for this machine.
+
+torch.optim.Muon always orthogonalizes in bfloat16. That is right where bfloat16 matrix products
+are native (AMX, recent GPUs) and very wrong elsewhere: on an AVX2 CPU the bfloat16 iteration of
+a 1024x256 matrix takes 638 ms against 13.5 ms in float32, and it took half of every training
+step. This subclass keeps torch's update rule, hyperparameters and state (a checkpoint of either
+loads into the other) and only lets the caller pick the dtype of the iteration.
+"""
+
+import torch
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
+                  coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> torch.Tensor:
+    """Newton-Schulz iterations towards the nearest semi-orthogonal matrix (U V^T of the SVD, with
+    singular values left roughly in [0.5, 1.5], which trains as well): the quintic iteration and
+    coefficients of torch.optim.Muon, in the given dtype."""
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # work on the wide form: the Gram matrix x x^T is then the small one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (momentum, Nesterov, decoupled weight decay, learning-rate adjustment)
+    with the orthogonalization in `orthogonalize_dtype`."""
+
+    def __init__(self, params, orthogonalize_dtype: torch.dtype = torch.float32, **options):
+        super().__init__(params, **options)
+        self.orthogonalize_dtype = orthogonalize_dtype  # not in the state: a property of the machine
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - group["momentum"])
+                update = param.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = orthogonalize(update, group["ns_steps"], self.orthogonalize_dtype,
+                                       group["ns_coefficients"], group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update.to(param.dtype), alpha=-group["lr"] * lr_scale(group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def lr_scale(adjust_lr_fn, shape) -> float:
+    """torch.optim.Muon's learning-rate adjustment: match_rms_adamw scales the orthogonal update
+    (RMS about 1/sqrt(max dim)) to the RMS of an AdamW step, so one learning rate serves both."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * max(rows, columns) ** 0.5
+    if adjust_lr_fn in (None, "original"):
+        return max(1.0, rows / columns) ** 0.5
+    return 1.0

@@ -1,0 +1,71 @@
+"""The plan of a run over time: the learning-rate schedule, and fitting the whole plan into a
+wall-time budget (train_llm.py --minutes)."""
+
+import collections
+import math
+import time
+
+
+def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int,
+                     min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio × the peak."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def default_warmup(total_steps: int) -> int:
+    """5% of the steps, at most 200."""
+    return min(200, max(1, total_steps // 20))
+
+
+class TimeBudget:
+    """How many steps fit in the budget, measured as the run goes.
+
+    The budget counts from the first step (and includes the time of earlier sessions of a resumed
+    run) to the end of the final save: steps, the periodic validations, the last validation and the
+    saves. The step time is the mean of the recent steps (the first one, which warms kernels up,
+    is left out), so the plan follows the machine when it speeds up or slows down; the cosine
+    schedule is laid over the current estimate of the total."""
+
+    FIRST_MEASURED_STEP = 2      # steps timed before the first estimate (the first one is warm-up)
+    SAVE_RESERVE_S = 2.0         # the final saves and the loss curve
+
+    def __init__(self, minutes: float, elapsed_before: float = 0.0):
+        self.seconds = 60.0 * minutes
+        self.elapsed_before = elapsed_before
+        self.started = None
+        self.step_seconds = collections.deque(maxlen=20)
+        self.evaluation_seconds = None
+        self.steps_timed = 0
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.started if self.started else 0.0)
+
+    def left(self) -> float:
+        return max(0.0, self.seconds - self.elapsed())
+
+    def record_step(self, seconds: float) -> None:
+        self.steps_timed += 1
+        if self.steps_timed > 1:
+            self.step_seconds.append(seconds)
+
+    def record_evaluation(self, seconds: float) -> None:
+        self.evaluation_seconds = seconds
+
+    @property
+    def measured(self) -> bool:
+        return len(self.step_seconds) >= self.FIRST_MEASURED_STEP - 1
+
+    def total_steps(self, step: int, eval_interval: int, eval_batches: int) -> int:
+        """The plan's total: the steps done plus those that fit in what is left, counting a
+        validation every eval_interval steps and one at the end."""
+        per_step = sum(self.step_seconds) / len(self.step_seconds)
+        # Until one is timed, a validation batch is taken to cost a third of a step (forward only).
+        evaluation = self.evaluation_seconds if self.evaluation_seconds is not None else eval_batches * per_step / 3
+        room = self.left() - evaluation - self.SAVE_RESERVE_S
+        return step + max(0, math.floor(room / (per_step + evaluation / eval_interval)))

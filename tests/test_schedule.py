@@ -1,0 +1,104 @@
+"""The time budget's arithmetic and the progress display, with a fake clock."""
+
+import io
+
+import pytest
+
+from custom_llm import progress as progress_module
+from custom_llm import schedule
+from custom_llm.progress import Progress, clock
+from custom_llm.schedule import TimeBudget
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(schedule.time, "time", fake)
+    monkeypatch.setattr(progress_module.time, "time", fake)
+    return fake
+
+
+def test_budget_fits_steps_evaluations_and_the_final_save(fake_time):
+    budget = TimeBudget(minutes=2)
+    budget.start()
+    budget.record_step(5.0)              # the first step warms up: not counted
+    budget.record_step(1.0)
+    fake_time.now += 6.0
+    assert budget.measured
+    # 114 s left; the final validation (10 batches at a third of a step) and the save reserve
+    # come off first, then each step costs 1 s plus its share of a validation every 50 steps.
+    evaluation = 10 * 1.0 / 3
+    room = 114 - evaluation - TimeBudget.SAVE_RESERVE_S
+    assert budget.total_steps(2, eval_interval=50, eval_batches=10) == 2 + int(room // (1 + evaluation / 50))
+
+
+def test_budget_follows_a_change_of_speed_and_a_measured_validation(fake_time):
+    budget = TimeBudget(minutes=1)
+    budget.start()
+    for _ in range(21):
+        budget.record_step(0.5)
+    before = budget.total_steps(21, eval_interval=1000, eval_batches=1)
+    for _ in range(20):                   # the machine got busy: steps take twice as long
+        budget.record_step(1.0)
+    budget.record_evaluation(4.0)
+    after = budget.total_steps(21, eval_interval=1000, eval_batches=1)
+    assert after < before
+    assert after == 21 + int((60 - 4.0 - TimeBudget.SAVE_RESERVE_S) // (1.0 + 4.0 / 1000))
+
+
+def test_a_resumed_budget_counts_the_time_already_spent(fake_time):
+    budget = TimeBudget(minutes=10, elapsed_before=570.0)
+    budget.start()
+    fake_time.now += 20
+    assert budget.left() == pytest.approx(10.0)
+    budget.record_step(1.0)
+    budget.record_step(1.0)
+    assert budget.total_steps(100, 250, 10) == 100 + max(0, int((10.0 - 10 / 3 - 2.0) // (1 + 10 / 3 / 250)))
+    fake_time.now += 60                  # over the budget: nothing more fits
+    assert budget.total_steps(105, 250, 10) == 105
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    lr = [schedule.learning_rate_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert schedule.learning_rate_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert schedule.default_warmup(100) == 5 and schedule.default_warmup(100_000) == 200
+
+
+def test_clock():
+    assert [clock(s) for s in (9, 247, 3909, -3)] == ["0:09", "4:07", "1:05:09", "0:00"]
+
+
+def test_progress_in_a_log_prints_a_plain_line_every_interval(fake_time):
+    log = io.StringIO()
+    shown = Progress(total=100, initial=0, interactive=False, interval=30, stream=log)
+    shown.update(1, 100, 2.5, 1000.0, 300)
+    assert log.getvalue() == ""                       # not 30 s yet
+    fake_time.now += 31
+    shown.update(40, 120, 2.25, 12345.6, 75)
+    fake_time.now += 10
+    shown.update(41, 120, 2.2, 12345.6, 74)
+    shown.write("step 41: validation loss 2.1")
+    shown.close()
+    assert log.getvalue().splitlines() == ["step 40/120: loss 2.2500, 12,346 tokens/s, 1:15 left",
+                                           "step 41: validation loss 2.1"]
+    assert "\r" not in log.getvalue()                 # no bar drawn into a log file
+
+
+def test_progress_of_another_rank_prints_nothing(fake_time):
+    log = io.StringIO()
+    shown = Progress(total=10, initial=0, interactive=False, enabled=False, stream=log)
+    fake_time.now += 100
+    shown.update(5, 10, 1.0, 1.0, 1.0)
+    shown.write("x")
+    shown.close()
+    assert log.getvalue() == ""
