@@ -25,6 +25,7 @@ from custom_llm.distributed import Processes
 from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
                               save_config)
 from custom_llm.model import GPTLanguageModel, check_memory
+from custom_llm.resources import peak_rss_bytes
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
 from custom_llm.training import StopRequest, TrainingRun, pick_device, plot_losses
 
@@ -38,13 +39,14 @@ QUESTIONS = [
 
 
 # Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
-PLAN_FLAGS = ("max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
+PLAN_FLAGS = ("minutes", "max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
               "eval_interval", "eval_batches", "grad_accum_steps", "optimizer", "dtype")
 
 
 def parse_args():
     parser = ArgumentParser(description="Train your GPT on a text file.")
     add_question_flags(parser, QUESTIONS)
+    parser.add_number("minutes", shown_default="off: train for --max_epochs")
     parser.add_number("max_steps")
     parser.add_number("seed", 1337)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -59,6 +61,7 @@ def parse_args():
     parser.add_number("weight_decay", 0.1)
     parser.add_number("grad_clip", 1.0)
     parser.add_number("grad_accum_steps", 1)
+    parser.add_number("memory_gb", 1.5)
     parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
                         help="muon (default): Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW only")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -74,6 +77,9 @@ def parse_args():
     parser.add_argument("--metrics_path", default="training_log.jsonl", help="one JSON line per evaluation")
     parser.add_argument("--plot_path", default="loss_curve.png", help="loss curve written at the end")
     args = parser.parse_args()
+    if args.minutes and args.max_steps:
+        raise UserError("--minutes and --max_steps exclude each other: give the run's length as a time "
+                        "or as a number of steps", 2)
     if args.resume and args.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, "
                         "init_from starts a new one from trained weights", 2)
@@ -100,9 +106,10 @@ def train(args, processes):
 
     dataset = load_text(args, plan, config, processes, say)
     pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, processes.is_main, say)
-    check_memory(config, plan["batch_size"])
+    check_memory(config)
     model = load_trained_model(args.init_from, config).train() if args.init_from else GPTLanguageModel(config)
-    training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, checkpoint)
+    training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, args.memory_gb,
+                           checkpoint)
     if not checkpoint and processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
     say(training.summary())
@@ -124,7 +131,10 @@ def ask_plan(args, checkpoint) -> dict:
         plan.setdefault("dtype", args.dtype)
         print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
     else:
-        plan = ask("Configure training parameters:", QUESTIONS, args)
+        # A timed run's length is its time: the number of epochs is not asked.
+        plan = ask("Configure training parameters:",
+                   [q for q in QUESTIONS if not (args.minutes and q.name == "max_epochs")], args)
+        plan.setdefault("max_epochs", None)
         plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
@@ -195,6 +205,7 @@ def train_loop(training, args):
                 raise SystemExit(130)
             if training.epoch_ended():
                 training.end_epoch()
+        training.close_progress()
         if is_main:
             training.save_checkpoint(args.checkpoint_path)
 
@@ -208,9 +219,12 @@ def report(training, args, say):
     steps_run = s.total_steps - training.tokens_at_start // s.tokens_per_step
     tokens_run = s.total_steps * s.tokens_per_step - training.tokens_at_start
     # Bits per character make char and BPE models comparable: loss per token / characters per token.
+    budget = f" (budget {training.plan['minutes']:g} min)" if training.budget else ""
+    memory = (f"; peak memory {peak_rss_bytes() / 2**30:.2f} GB (estimated {training.memory_estimate / 2**30:.2f})"
+              if training.device_type == "cpu" else "")
     say(f"Saved {args.output}: weights from step {training.best_step} (validation loss {best_val:.4f} per token, "
         f"{best_val / math.log(2) / training.dataset.characters_per_token:.3f} bits per character); "
-        f"{steps_run} steps in {elapsed:.1f}s, {tokens_run / elapsed:,.0f} tokens/s. "
+        f"{steps_run} steps in {elapsed:.1f}s{budget}, {tokens_run / elapsed:,.0f} tokens/s{memory}. "
         f"Log: {args.metrics_path}, curve: {args.plot_path}")
 
 

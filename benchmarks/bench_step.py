@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from custom_llm.model import GPTLanguageModel  # noqa: E402
+from custom_llm.optimizer import make_optimizer  # noqa: E402
 from custom_llm.precision import choose_precision, cpu_summary  # noqa: E402
-from custom_llm.training import make_optimizer  # noqa: E402
 
 MODELS = {
     "bench": {"vocab_size": 65, "n_embd": 128, "n_head": 4, "n_layer": 4, "block_size": 64, "dropout": 0.0},
@@ -87,7 +87,7 @@ def main():
           f"{choose_precision('auto', 'cpu').describe()}")
     print(f"model {args.model} (n_layer {config['n_layer']}, n_embd {config['n_embd']}, block_size "
           f"{config['block_size']}), batch {args.batch_size} x {config['block_size']} tokens, {steps} timed steps\n")
-    print(f"| option | tokens/s | vs float32 AdamW |\n|---|---:|---:|")
+    print("| option | tokens/s | vs float32 AdamW |\n|---|---:|---:|")
     options = [("float32, AdamW", "adamw", False, torch.float32),
                ("float32, Muon (float32 orthogonalization)", "muon", False, torch.float32),
                ("bf16 autocast, AdamW", "adamw", True, torch.bfloat16),

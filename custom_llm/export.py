@@ -46,7 +46,7 @@ def export_hf(model, tokenizer, output_dir: str) -> None:
         vocab_size=config["vocab_size"], n_positions=config["block_size"], n_embd=config["n_embd"],
         n_layer=config["n_layer"], n_head=config["n_head"], n_inner=4 * config["n_embd"],
         activation_function="gelu_new", layer_norm_epsilon=LAYER_NORM_EPS,
-        resid_pdrop=config["dropout"], embd_pdrop=config["dropout"], attn_pdrop=config["dropout"],
+        resid_pdrop=config["dropout"], embd_pdrop=config["dropout"], attn_pdrop=0.0,  # as the model trains
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
     hf_model = GPT2LMHeadModel(hf_config)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)

@@ -74,6 +74,10 @@ NUMBERS = {
     "learning_rate": Number(float, 0, None, "peak learning rate", low_open=True),
     "max_epochs": Number(int, 1, None, "passes over the training text"),
     "max_steps": Number(int, 1, None, "stop after this many steps (quick trials)"),
+    "minutes": Number(float, 0, None, "train for this long: the plan (warmup, decay, last validation and "
+                      "save) is fitted to the time", low_open=True),
+    "memory_gb": Number(float, 0, None, "memory budget of training in GB: each process's batch runs in "
+                        "micro-batches that fit it (same result)", low_open=True),
     "seed": Number(int, 0, 2 ** 63 - 1, "random seed: the same seed and settings give the same result"),
     "eval_interval": Number(int, 1, None, "steps between validation runs (also at the end of every epoch)"),
     "eval_batches": Number(int, 1, None, "batches of batch_size windows per validation run"),

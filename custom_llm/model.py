@@ -45,7 +45,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer  # its place in a KVCache
         self.n_head = config["n_head"]
-        self.dropout = config["dropout"]
         self.c_attn = nn.Linear(config["n_embd"], 3 * config["n_embd"])  # fused q, k, v
         self.c_proj = nn.Linear(config["n_embd"], config["n_embd"])
         self.resid_dropout = nn.Dropout(config["dropout"])
@@ -60,15 +59,17 @@ class CausalSelfAttention(nn.Module):
         # New positions attend to every cached one and causally among themselves; a single new
         # token needs no mask at all.
         mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past) if past and T > 1 else None
-        # On CPU the fused attention kernel is several times slower in bfloat16 than in float32
-        # (benchmarks/bench_step.py), so under bf16 autocast it runs in float32.
+        # On CPU the fused attention kernel is slower in bfloat16 than in float32
+        # (benchmarks/bench_step.py), so under bf16 autocast it runs in float32. No dropout on the
+        # attention weights: with it, PyTorch's CPU attention falls back from the fused kernel to
+        # one that stores every attention matrix (40% slower steps and +40% memory, measured);
+        # dropout still applies to the embeddings and to each block's two outputs.
         cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if cpu_autocast:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
-                q, k, v, attn_mask=mask, is_causal=past == 0,
-                dropout_p=self.dropout if self.training else 0.0)
+                q, k, v, attn_mask=mask, is_causal=past == 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -194,21 +195,32 @@ def count_parameters(config: dict) -> int:
     return V * C + T * C + L * per_block + 2 * C + C * V
 
 
-def training_memory_bytes(config: dict, batch_size: int) -> int:
-    """A rough upper estimate of training memory: float32 weights, gradients and two AdamW
-    moments (16 bytes per parameter), plus activations kept for the backward pass."""
-    B, T, C, L = batch_size, config["block_size"], config["n_embd"], config["n_layer"]
-    activations = 4 * B * T * (L * (20 * C + 2 * config["n_head"] * T) + 3 * config["vocab_size"])
-    return 16 * count_parameters(config) + activations
+# Bytes the backward pass keeps per token, per layer and per unit of n_embd, measured on a CPU with
+# attention in PyTorch's fused kernel (benchmarks/bench_memory.py): float32, and bfloat16 autocast.
+ACTIVATION_BYTES = {False: 90, True: 68}
+LOGIT_BYTES = 16               # per token and vocabulary entry: logits, their softmax and gradient
+WORKSPACE_BYTES = 100 * 2**20  # the allocator's and the kernels' own, beyond what is counted here
 
 
-def check_memory(config: dict, batch_size: int = 32) -> None:
-    """Refuse, before allocating anything, a model that cannot fit in this machine's memory."""
+def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, base_bytes: int = None) -> int:
+    """Estimated peak memory (RSS) of training with `windows` windows per forward pass: what the
+    process already holds (its RSS now, unless base_bytes), 16 bytes per parameter (float32
+    weights, gradients and up to two optimizer moments), and the activations kept for the backward
+    pass, which grow with the windows run at once."""
     import psutil
-    needed = training_memory_bytes(config, batch_size)
+    T, C, L, V = config["block_size"], config["n_embd"], config["n_layer"], config["vocab_size"]
+    base = psutil.Process().memory_info().rss if base_bytes is None else base_bytes
+    activations = windows * T * (L * C * ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
+    return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations
+
+
+def check_memory(config: dict, windows: int = 1) -> None:
+    """Refuse, before allocating anything, a model that cannot train in this machine's memory even
+    one window at a time (training splits a larger batch to fit; see train_llm.py --memory_gb)."""
+    import psutil
+    needed = training_memory_bytes(config, windows)
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
-        raise UserError(f"this model needs about {needed / 2**30:.1f} GiB to train at batch size {batch_size} "
+        raise UserError(f"this model needs about {needed / 2**30:.1f} GiB to train "
                         f"({count_parameters(config) / 1e6:,.0f}M parameters) but only "
-                        f"{available / 2**30:.1f} GiB is free: choose fewer layers, a smaller n_embd or "
-                        "block_size, or a smaller batch", 2)
+                        f"{available / 2**30:.1f} GiB is free: choose fewer layers, a smaller n_embd or block_size", 2)

@@ -31,7 +31,7 @@ class Progress:
         if not self.enabled:
             return
         self.step = step
-        if total != self.total:
+        if total != self.total:   # a time budget revised the plan
             self.total = self.bar.total = total
             self.bar.refresh()
         if self.interactive:
@@ -42,14 +42,15 @@ class Progress:
             self.write(f"step {step}/{total}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
                        f"{clock(seconds_left)} left")
 
-    def write(self, text: str) -> None:
-        """A line between bar updates (validation results), or plainly in a log."""
+    def write(self, text: str, stream=None) -> None:
+        """A line between bar updates (validation results, epoch summaries on stdout), or plainly
+        in a log."""
         if not self.enabled:
             return
         if self.interactive:
-            self.bar.write(text, file=self.stream)
+            self.bar.write(text, file=stream or self.stream)
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=stream or self.stream, flush=True)
 
     def close(self) -> None:
         self.bar.close()

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -49,6 +50,16 @@ class ResourceUse:
     def _cpu_seconds(self):
         times = self.process.cpu_times()
         return times.user + times.system
+
+
+def peak_rss_bytes() -> int:
+    """The most memory this process has held at once (its peak resident set size)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return psutil.Process().memory_info().peak_wset
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def gpu_memory_of(pid: int):

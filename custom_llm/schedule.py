@@ -30,7 +30,7 @@ class TimeBudget:
     schedule is laid over the current estimate of the total."""
 
     FIRST_MEASURED_STEP = 2      # steps timed before the first estimate (the first one is warm-up)
-    SAVE_RESERVE_S = 2.0         # the final saves and the loss curve
+    SAVE_RESERVE_S = 1.0         # the final saves and the loss curve (a fraction of a second measured)
 
     def __init__(self, minutes: float, elapsed_before: float = 0.0):
         self.seconds = 60.0 * minutes
@@ -61,10 +61,13 @@ class TimeBudget:
     def measured(self) -> bool:
         return len(self.step_seconds) >= self.FIRST_MEASURED_STEP - 1
 
+    def mean_step_seconds(self) -> float:
+        return sum(self.step_seconds) / len(self.step_seconds)
+
     def total_steps(self, step: int, eval_interval: int, eval_batches: int) -> int:
         """The plan's total: the steps done plus those that fit in what is left, counting a
         validation every eval_interval steps and one at the end."""
-        per_step = sum(self.step_seconds) / len(self.step_seconds)
+        per_step = self.mean_step_seconds()
         # Until one is timed, a validation batch is taken to cost a third of a step (forward only).
         evaluation = self.evaluation_seconds if self.evaluation_seconds is not None else eval_batches * per_step / 3
         room = self.left() - evaluation - self.SAVE_RESERVE_S

@@ -11,7 +11,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 from conftest import REPO
 from custom_llm import precision
-from custom_llm.muon import Muon, orthogonalize
+from custom_llm.optimizer import Muon, orthogonalize
 
 TORCH_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 

@@ -61,17 +61,14 @@ def test_a_resumed_budget_counts_the_time_already_spent(fake_time):
     assert budget.left() == pytest.approx(10.0)
     budget.record_step(1.0)
     budget.record_step(1.0)
-    assert budget.total_steps(100, 250, 10) == 100 + max(0, int((10.0 - 10 / 3 - 2.0) // (1 + 10 / 3 / 250)))
+    room = 10.0 - 10 / 3 - TimeBudget.SAVE_RESERVE_S
+    assert budget.total_steps(100, 250, 10) == 100 + int(room // (1 + 10 / 3 / 250))
     fake_time.now += 60                  # over the budget: nothing more fits
     assert budget.total_steps(105, 250, 10) == 105
 
 
-def test_learning_rate_warms_up_then_decays_to_the_floor():
-    lr = [schedule.learning_rate_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
-    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
-    assert schedule.learning_rate_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert schedule.default_warmup(100) == 5 and schedule.default_warmup(100_000) == 200
+def test_default_warmup_is_five_percent_at_most_200():
+    assert [schedule.default_warmup(n) for n in (10, 100, 100_000)] == [1, 5, 200]
 
 
 def test_clock():

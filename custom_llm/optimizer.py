@@ -1,4 +1,7 @@
-"""Muon whose Newton-Schulz orthogonalization runs in the dtype chosen for this machine.
+"""The optimizers of a training run: Muon for the blocks' matrices and AdamW for the rest, stepped,
+scheduled and saved as one.
+
+Muon's Newton-Schulz orthogonalization runs in the dtype chosen for this machine.
 
 torch.optim.Muon always orthogonalizes in bfloat16. That is right where bfloat16 matrix products
 are native (AMX, recent GPUs) and very wrong elsewhere: on an AVX2 CPU the bfloat16 iteration of
@@ -67,3 +70,58 @@ def lr_scale(adjust_lr_fn, shape) -> float:
     if adjust_lr_fn in (None, "original"):
         return max(1.0, rows / columns) ** 0.5
     return 1.0
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, device: str, kind: str = "muon",
+                   orthogonalize_dtype=torch.float32):
+    """The optimizer for a training run.
+
+    muon (the default): Muon for the weight matrices inside the transformer blocks, AdamW for the
+    embeddings, the output head, biases and LayerNorms. Muon orthogonalizes each matrix's update
+    (Newton-Schulz iterations); with "match_rms_adamw" its step is scaled to AdamW's size, so one
+    learning rate serves both. On tinyshakespeare it reaches a given validation loss with about
+    half the tokens AdamW needs (benchmarks/bench_training.py). Its orthogonalization runs in
+    orthogonalize_dtype: bfloat16 only where this machine multiplies bfloat16 matrices fast.
+    adamw: AdamW for everything.
+    Weight decay applies to matrices only, never to biases or LayerNorms."""
+    named = list(model.named_parameters())
+    block_matrices = [p for name, p in named if p.dim() == 2 and name.startswith("h.")]
+    other_matrices = [p for name, p in named if p.dim() == 2 and not name.startswith("h.")]
+    vectors = [p for name, p in named if p.dim() < 2]
+
+    def adamw(matrices):
+        groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.99), fused=(device == "cuda"))
+
+    if kind == "adamw":
+        return Optimizers(adamw([p for _, p in named if p.dim() == 2]))  # in model order, as checkpoints
+    muon = Muon(block_matrices, orthogonalize_dtype, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, adamw(other_matrices))
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped, scheduled and saved as one."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        saved_states = state["optimizers"] if "optimizers" in state else [state]  # an AdamW-only checkpoint
+        for optimizer, saved in zip(self.optimizers, saved_states, strict=True):
+            optimizer.load_state_dict(saved)
