@@ -6,19 +6,22 @@
     python convert_to_gguf.py --report             # a standard set of types, and what each costs
 
 No llama.cpp checkout is needed: the GGUF is written with the `gguf` package and quantized by
-llama.cpp's own quantizer inside llama-cpp-python. Afterwards every file is checked against
-the PyTorch model: same tokens, same logits within float tolerance. With several types (or
---report) a table follows: size, bits per weight, perplexity through llama.cpp on held-out text,
+llama.cpp's own quantizer inside llama-cpp-python. Every file is written under a temporary name and
+checked against the PyTorch model (same tokens, same logits within float tolerance); only when every
+check passes do they all move into place, so a failed check or a full disk replaces nothing. With
+several types (or --report) a table follows: size, bits per weight, perplexity through llama.cpp on held-out text,
 its ratio to the PyTorch model's perplexity on the same windows, and top-1 next-token agreement.
 """
 
 import os
 import time
 
+from custom_llm.atomic import remove_stale_temporaries, staging
 from custom_llm.checks import check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
 from custom_llm.evaluation import evaluation_windows, pytorch_logits, report_table, score
-from custom_llm.export import FORMATS, GGUF, check_quant_type, quantize, tensor_types, write_gguf
+from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fallback_tensors, quantize_file, tensor_types,
+                               write_gguf_file)
 from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
@@ -80,54 +83,54 @@ def main():
         print("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
 
-    # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded twice.
+    # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
+    # twice. Everything is written under temporary names and moves into place only when every file
+    # passed its check: a failure leaves the previous files as they were.
+    quantized = {quant_type: f"{args.gguf_output}.{quant_type}.gguf" for quant_type in quant_types}
+    source = f"{args.gguf_output}.source-f32"
+    for path in [getattr(args, f.flag) for f in FORMATS] + list(quantized.values()) + [source]:
+        remove_stale_temporaries(path)   # left by a run that was killed
     started = time.time()
-    for export_format in FORMATS:
-        path = getattr(args, export_format.flag)
-        export_format.write(model, tokenizer, path)
-        print(f"Wrote {shown(path)} ({export_format.description})")
-    quantized = quantize_all(model, tokenizer, quant_types, args, config)
-    print(f"Export took {time.time() - started:.1f}s")
+    with staging() as stage:
+        written = []   # (format, where it goes, where it is until every check passed, tolerance)
+        for export_format in FORMATS:
+            path = getattr(args, export_format.flag)
+            with stage.path(path, folder=export_format.folder) as tmp:
+                export_format.write(model, tokenizer, tmp)
+            written.append((export_format, path, tmp, export_format.tolerance))
+            print(f"Wrote {shown(path, export_format.folder)} ({export_format.description})")
+        with stage.path(source, scratch=True) as f32:
+            write_gguf_file(model, tokenizer, f32, "F32")
+        for quant_type, path in quantized.items():
+            with stage.path(path) as tmp:
+                quantize_file(f32, tmp, quant_type, args.llama_cpp_path)
+            report_written(path, tmp, quant_type, config)
+            written.append((GGUF, path, tmp, None))   # quantized: no tolerance, a report
+        os.remove(f32)
+        print(f"Export took {time.time() - started:.1f}s")
 
-    # Check what was written against the PyTorch model.
-    to_check = [(f, getattr(args, f.flag), f.tolerance) for f in FORMATS]
-    to_check += [(GGUF, path, None) for path in quantized.values()]   # quantized: no tolerance, a report
-    failures = []
-    for export_format, path, tolerance in to_check:
-        failures += check_and_say(export_format, path, tolerance, model, tokenizer, windows)
-    if failures:
-        raise UserError("; ".join(failures))
+        # Check what was written against the PyTorch model.
+        failures = []
+        for export_format, path, tmp, tolerance in written:
+            failures += check_and_say(export_format, path, tmp, tolerance, model, tokenizer, windows)
+        if failures:
+            raise UserError("; ".join(failures) + "; nothing was replaced: the previous files are untouched")
     if show_report:
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
     print(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
 
 
-def shown(path: str) -> str:
-    return path.rstrip("/") + "/" if os.path.isdir(path) else path
+def shown(path: str, folder: bool) -> str:
+    return path.rstrip("/") + "/" if folder else path
 
 
-def quantize_all(model, tokenizer, quant_types, args, config) -> dict:
-    """{type: path} of each quantized GGUF, made from an F32 GGUF that is removed afterwards."""
-    source = f"{args.gguf_output}.source-f32.tmp"
-    quantized = {}
-    try:
-        write_gguf(model, tokenizer, source, "F32")
-        for quant_type in quant_types:
-            quantized[quant_type] = f"{args.gguf_output}.{quant_type}.gguf"
-            fallbacks = quantize(source, quantized[quant_type], quant_type, args.llama_cpp_path)
-            report_written(quantized[quant_type], quant_type, fallbacks, config)
-    finally:
-        if os.path.exists(source):
-            os.remove(source)
-    return quantized
-
-
-def check_and_say(export_format, path, tolerance, model, tokenizer, windows) -> list:
-    """One line on how the export at path compares with the model; what failed, if anything."""
-    r = check_export(export_format, path, model, tokenizer, windows)
+def check_and_say(export_format, path, written, tolerance, model, tokenizer, windows) -> list:
+    """One line on how the export bound for path (written, for now) compares with the model;
+    what failed, if anything."""
+    r = check_export(export_format, written, model, tokenizer, windows)
     n_hard = len(HARD_STRINGS)
-    print(f"Check {shown(path)}: {human_bytes(r['size'])}"
+    print(f"Check {shown(path, export_format.folder)}: {human_bytes(r['size'])}"
           + (f", {r['bpw']:.2f} bits/weight" if r["bpw"] is not None else "")
           + f", tokenization {r['tokens_agree']}/{n_hard} strings equal, "
           f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}")
@@ -140,16 +143,20 @@ def check_and_say(export_format, path, tolerance, model, tokenizer, windows) -> 
     return failures
 
 
-def report_written(path, quant_type, fallbacks, config):
-    types, _ = tensor_types(path)
+def report_written(path, written, quant_type, config):
+    """Which tensor types the quantized file bound for path (written, for now) holds, and which
+    weight matrices could not get quant_type because of their row length."""
+    types, _ = tensor_types(written)
     counts = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
     print(f"Wrote {path} ({quant_type}; tensor types: "
           + ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")")
+    fallbacks = fallback_tensors(written, quant_type)
     if fallbacks:
-        print(f"note: {fallbacks} of {len(types)} tensors have rows that do not divide into {quant_type}'s "
-              f"blocks, so llama.cpp gave them another type (n_embd {config['n_embd']}; "
+        print(f"note: {len(fallbacks)} weight matrices have rows that do not divide into {quant_type}'s blocks of "
+              f"{block_size(quant_type)} values, so llama.cpp gave them "
+              f"{', '.join(sorted(set(fallbacks.values())))} instead (n_embd {config['n_embd']}; "
               "a multiple of 256 avoids this)")
 
 

@@ -38,6 +38,12 @@ def hf_state_dict(model) -> dict:
 
 def export_hf(model, tokenizer, output_dir: str) -> None:
     """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline."""
+    with atomic_dir(output_dir) as tmp:
+        write_hf_folder(model, tokenizer, tmp)
+
+
+def write_hf_folder(model, tokenizer, folder: str) -> None:
+    """export_hf's content, written into folder as it is (not atomically)."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     config = model.config
@@ -56,9 +62,8 @@ def export_hf(model, tokenizer, output_dir: str) -> None:
         raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT,
                                            eos_token=END_OF_TEXT, unk_token=None)
-    with atomic_dir(output_dir) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer.save_pretrained(tmp)
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    hf_tokenizer.save_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------ GGUF
@@ -82,42 +87,47 @@ def gguf_tensor_name(name: str) -> str:
 def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
     """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices;
     vectors stay F32, as llama.cpp expects)."""
+    with atomic_path(path) as tmp:
+        write_gguf_file(model, tokenizer, tmp, dtype, name)
+
+
+def write_gguf_file(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+    """write_gguf's content, written to path as it is (not atomically)."""
     import gguf
 
     config = model.config
     tokens, merges, eot = vocab_and_merges(tokenizer)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}[dtype]
-    with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch="gpt2")
-        writer.add_name(name)
-        writer.add_context_length(config["block_size"])
-        writer.add_embedding_length(config["n_embd"])
-        writer.add_feed_forward_length(4 * config["n_embd"])
-        writer.add_block_count(config["n_layer"])
-        writer.add_head_count(config["n_head"])
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
-        writer.add_file_type(file_type)
+    writer = gguf.GGUFWriter(path, arch="gpt2")
+    writer.add_name(name)
+    writer.add_context_length(config["block_size"])
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(4 * config["n_embd"])
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    writer.add_file_type(file_type)
 
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL
-                                for i in range(len(tokens))])
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(eot)
-        writer.add_eos_token_id(eot)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eot)
+    writer.add_eos_token_id(eot)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
 
-        for param_name, tensor in model.state_dict().items():
-            array = tensor.detach().float().cpu().numpy()
-            if array.ndim == 2 and dtype == "F16":
-                array = array.astype(np.float16)
-            writer.add_tensor(gguf_tensor_name(param_name), array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    for param_name, tensor in model.state_dict().items():
+        array = tensor.detach().float().cpu().numpy()
+        if array.ndim == 2 and dtype == "F16":
+            array = array.astype(np.float16)
+        writer.add_tensor(gguf_tensor_name(param_name), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 # ------------------------------------------------------------------------ quantization
@@ -148,31 +158,48 @@ def check_quant_type(name: str) -> str:
     return upper
 
 
-def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> int:
-    """Quantize a GGUF with llama.cpp's quantizer. Returns how many tensors llama.cpp had to give
-    another type because their rows do not divide into the type's blocks (32 or 256 values)."""
+def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> dict:
+    """Quantize a GGUF with llama.cpp's quantizer, atomically. Returns fallback_tensors of the result."""
+    with atomic_path(destination) as tmp:
+        quantize_file(source, tmp, quant_type, llama_cpp_path)
+    return fallback_tensors(destination, quant_type)
+
+
+def quantize_file(source: str, path: str, quant_type: str, llama_cpp_path: str = None) -> None:
+    """quantize's work, written to path as it is (not atomically)."""
     if llama_cpp_path:
-        return _quantize_with_binary(source, destination, quant_type, llama_cpp_path)
+        return _quantize_with_binary(source, path, quant_type, llama_cpp_path)
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[quant_type]
     params.nthread = os.cpu_count() or 1
-    with atomic_path(destination) as tmp:
-        mark = llama_log.mark()
-        status = llama_cpp.llama_model_quantize(source.encode(), tmp.encode(), params)
-        messages = llama_log.since(mark)
-        if status != 0:
-            last = [line for line in messages if line.strip()][-1:] or ["no message"]
-            raise UserError(f"llama.cpp could not quantize to {quant_type} (status {status}): {last[0].strip()}")
-    return count_fallbacks(messages)
+    mark = llama_log.mark()
+    status = llama_cpp.llama_model_quantize(source.encode(), path.encode(), params)
+    if status != 0:
+        said = [line.strip() for line in llama_log.since(mark) if line.strip()][-1:] or ["no message"]
+        raise RuntimeError(f"llama.cpp could not quantize to {quant_type} (status {status}): {said[0]}")
 
 
-def count_fallbacks(log_lines) -> int:
-    for line in log_lines:
-        match = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", line)
-        if match:
-            return int(match.group(1))
-    return 0
+def fallback_tensors(path: str, quant_type: str) -> dict:
+    """{name: type} of the weight matrices in the GGUF at path that could not get quant_type
+    because their rows do not divide into its blocks (32 values, 256 for K-quants), so llama.cpp
+    gave them another type. Read from the file's own tensor types and shapes."""
+    import gguf
+    block = block_size(quant_type)
+    reader = gguf.GGUFReader(path)
+    return {t.name: t.tensor_type.name for t in reader.tensors
+            if len(t.shape) >= 2 and int(t.shape[0]) % block and t.tensor_type.name != "F32"}
+
+
+# The ggml type that carries a llama.cpp quantization mix where the name does not say it.
+MIX_TYPES = {"IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S", "MXFP4_MOE": "MXFP4"}
+
+
+def block_size(quant_type: str) -> int:
+    """Values per block of quant_type's main type (1 for F32, F16, BF16)."""
+    import gguf
+    name = MIX_TYPES.get(quant_type) or re.sub(r"(_K)_[SML]$", r"\1", quant_type)
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
 
 
 def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
@@ -182,12 +209,10 @@ def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
     if binary is None:
         raise UserError(f"no llama-quantize found in {llama_cpp_path} (looked in "
                         f"{', '.join(candidates)}); build llama.cpp there or leave out --llama_cpp_path")
-    with atomic_path(destination) as tmp:
-        result = subprocess.run([binary, source, tmp, quant_type], capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-            raise UserError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
-    return count_fallbacks((result.stdout + result.stderr).splitlines())
+    result = subprocess.run([binary, source, destination, quant_type], capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+        raise RuntimeError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
 
 
 def tensor_types(path: str) -> dict:
@@ -226,14 +251,15 @@ class Format:
     flag: str                   # convert_to_gguf.py's flag naming where it goes
     default: str
     description: str
-    write: Callable             # (model, tokenizer, path)
+    write: Callable             # (model, tokenizer, path): writes there as it is; the caller makes it atomic
     load: Callable              # path -> an object with tokenize(text) -> ids and logits(ids) -> (len, vocab)
     tolerance: float            # largest relative logit error accepted (max |difference| / max |logit|)
     bits_per_weight: Optional[Callable] = None   # path -> bits per weight, where the format says
+    folder: bool = False        # the export is a folder, not a file
 
 
 def _write_f16_gguf(model, tokenizer, path):
-    write_gguf(model, tokenizer, path, "F16")
+    write_gguf_file(model, tokenizer, path, "F16")
 
 
 def _load_gguf(path):
@@ -241,7 +267,8 @@ def _load_gguf(path):
 
 
 # llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact.
-HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", export_hf, HFExport, 2e-3)
+HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, HFExport, 2e-3,
+            folder=True)
 GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, _load_gguf, 1e-2,
               bits_per_weight=lambda path: tensor_types(path)[1])
 FORMATS = [HF, GGUF]
