@@ -18,6 +18,16 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def cannot_read(path: str, err: OSError) -> UserError:
+    """The one-line error for a file that is there but cannot be read: what the system said,
+    never a guess (a permission problem is not a damaged file)."""
+    if isinstance(err, IsADirectoryError):
+        return UserError(f"{path} is a folder, not a file", 2)
+    if isinstance(err, PermissionError):
+        return UserError(f"{path} cannot be read (permission denied): check its permissions")
+    return UserError(f"{path} cannot be read ({err.strerror or err})")
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a script's main(): user errors become one line on stderr, never a traceback
     (unless --debug is given)."""

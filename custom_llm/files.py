@@ -8,20 +8,23 @@ import warnings
 import torch
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
+from custom_llm.cli import UserError, cannot_read
 from custom_llm.model import CONFIG_KEYS, GPTLanguageModel
 from custom_llm.tokenizer import tokenizer_hash
 
 
 def load_weights_only(path: str, fix: str):
     """torch.load that never runs code from the file: anything but tensors and plain data is
-    refused (weights_only=True), as is a damaged file, each with one line saying what to do."""
+    refused (weights_only=True), as is a damaged file, each with one line saying what to do; a
+    file that cannot be read at all (permissions, a folder, an I/O error) says so."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: {fix}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before refusing; the refusal is the message
             return torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as err:   # not read at all: say why, not that the file is damaged
+        raise cannot_read(path, err) from None
     except Exception as err:
         reason = "it holds objects other than weights, refused for safety" \
             if "weights_only" in str(err) or "Unsupported global" in str(err) else "truncated or damaged"

@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from custom_llm.cli import UserError
+from custom_llm.cli import UserError, cannot_read
 from custom_llm.context import fit_prompt, slide
 
 GGUF_MAGIC = b"GGUF"
@@ -63,8 +63,11 @@ def check_gguf(path: str) -> None:
         raise UserError(f"{path} not found: run `python convert_to_gguf.py` first, or pass --gguf_path", 2)
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder: pass the path of a .gguf file", 2)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise cannot_read(path, err) from None
     if magic != GGUF_MAGIC:
         raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')", 2)
     import gguf
