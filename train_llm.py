@@ -161,6 +161,8 @@ def load_text(args, plan, config, processes, say):
     say(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
         f"{len(dataset.val):,} validation tokens, {dataset.characters_per_token:.2f} characters per token"
         + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started:.1f}s)"))
+    for note in dataset.notes:   # where the token cache is, when not beside the text; what was rebuilt
+        say(note)
     return dataset
 
 

@@ -1,27 +1,29 @@
 """Training text -> token file on disk -> batches of windows.
 
 A text of any size is read in chunks (textfile.py) and encoded straight into a uint16 token file in
-one pass (the character vocabulary is discovered on the way). The token file is cached next to
-the text, in .token_cache/, keyed by the text's content hash and the tokenizer, so a second run
-on the same text skips all of this. Training reads the file memory-mapped: no Python work per sample.
+one pass (the character vocabulary is discovered on the way). The token file is cached (cache.py:
+beside the text in .token_cache/, or in the user's cache folder), keyed by the text's content hash
+and the tokenizer, and checked against its own content hash when it is read, so a second run on the
+same text skips all of this and a damaged cache file is rebuilt, never trained on. Training reads
+the file memory-mapped: no Python work per sample.
 """
 
+import hashlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from custom_llm.atomic import atomic_path, remove_stale_temporaries
+from custom_llm.cache import digest, load_checked, save_checked, token_cache_folder, touch, trim
 from custom_llm.cli import UserError
-from custom_llm.textfile import cache_folder, check_text_file, file_hash, read_chunks, save_quietly
-from custom_llm.tokenizer import END_OF_TEXT, ChunkEncoder, tokenizer_hash
+from custom_llm.textfile import check_text_file, file_hash, read_chunks
+from custom_llm.tokenizer import END_OF_TEXT, ChunkEncoder, tokenizer_from_cache, tokenizer_hash
 
 VALIDATION_FRACTION = 0.1          # the last 10% of the tokens is held out
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Dataset:
     n_characters: int
     text_hash: str
     from_cache: bool
+    notes: list = field(default_factory=list)   # lines for the user: where the cache is, what was rebuilt
 
     @property
     def n_val(self):
@@ -54,22 +57,17 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
     from it), using the on-disk cache when it holds this text and tokenizer."""
     check_text_file(path)
     text_hash = file_hash(path)
-    folder = cache_folder(path)
+    folder, where = token_cache_folder(path)
+    notes = [where] if where else []
     char_tokenizer_file = os.path.join(folder, f"{text_hash}.{encoding}.tokenizer.json")
-    known = tokenizer
-    if known is None and os.path.exists(char_tokenizer_file):
-        known = Tokenizer.from_file(char_tokenizer_file)
+    known = tokenizer if tokenizer is not None else tokenizer_from_cache(char_tokenizer_file)
     if known is not None:
-        cached = _cached_tokens(folder, f"{text_hash}-{tokenizer_hash(known)}")
+        cached = _cached_tokens(folder, f"{text_hash}-{tokenizer_hash(known)}", notes)
         if cached is not None:
-            return Dataset(known, cached[0], cached[1], text_hash, from_cache=True)
+            return Dataset(known, cached[0], cached[1], text_hash, from_cache=True, notes=notes)
 
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:  # the text's folder is read-only: work in the temporary folder, uncached
-        folder = tempfile.mkdtemp(prefix="token_cache.")
     encoder = ChunkEncoder(tokenizer)
-    n_tokens, n_characters = 0, 0
+    n_tokens, n_characters, hasher = 0, 0, hashlib.sha256()
     # Written whole under a provisional name, then renamed once the tokenizer (part of the key) is known.
     provisional = os.path.join(folder, f"{text_hash}.partial.tokens")
     remove_stale_temporaries(provisional)
@@ -77,7 +75,9 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
         with open(tmp, "wb") as out:
             for texts in _groups(read_chunks(path, encoding), 16):
                 for ids in encoder.encode_many(texts):
-                    out.write(ids.tobytes())
+                    data = ids.tobytes()
+                    out.write(data)
+                    hasher.update(data)
                     n_tokens += len(ids)
                 n_characters += sum(len(text) for text in texts)
         if n_tokens == 0:
@@ -88,16 +88,19 @@ def prepare_dataset(path: str, encoding: str = "utf-8", tokenizer=None) -> Datas
             tokens[tokens == ChunkEncoder.END_OF_TEXT_ID] = tokenizer.token_to_id(END_OF_TEXT)
             tokens.flush()
             del tokens
+            hasher = None
+        tokens_digest = hasher.hexdigest() if hasher else digest(tmp)
     key = f"{text_hash}-{tokenizer_hash(tokenizer)}"
     tokens_file = os.path.join(folder, f"{key}.tokens")
     os.replace(provisional, tokens_file)
-    save_quietly(os.path.join(folder, f"{key}.json"), json.dumps({
+    save_checked(os.path.join(folder, f"{key}.json"), json.dumps({
         "version": CACHE_VERSION, "dtype": np.dtype(encoder.dtype).name, "n_tokens": n_tokens,
-        "n_characters": n_characters}))
+        "n_characters": n_characters, "sha256": tokens_digest}))
     if encoder.given is None:
-        save_quietly(char_tokenizer_file, tokenizer.to_str())
+        save_checked(char_tokenizer_file, tokenizer.to_str())
+    trim(folder, keep=text_hash)
     tokens = np.memmap(tokens_file, dtype=encoder.dtype, mode="r", shape=(n_tokens,))
-    return Dataset(tokenizer, tokens, n_characters, text_hash, from_cache=False)
+    return Dataset(tokenizer, tokens, n_characters, text_hash, from_cache=False, notes=notes)
 
 
 def _groups(items, size):
@@ -111,23 +114,28 @@ def _groups(items, size):
         yield group
 
 
-def _cached_tokens(folder, key):
-    """(memory-mapped tokens, character count) from the cache, or None."""
-    meta = _read_meta(os.path.join(folder, f"{key}.json"))
-    tokens_file = os.path.join(folder, f"{key}.tokens")
-    if not meta or not os.path.exists(tokens_file) or \
-            os.path.getsize(tokens_file) != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
+def _cached_tokens(folder, key, notes):
+    """(memory-mapped tokens, character count) from the cache, or None. A token file whose
+    content does not match the hash saved with it is not used (and a note says so)."""
+    meta_file, tokens_file = os.path.join(folder, f"{key}.json"), os.path.join(folder, f"{key}.tokens")
+    meta = _read_meta(meta_file)
+    if meta is None or not os.path.exists(tokens_file):
         return None
+    if os.path.getsize(tokens_file) != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize \
+            or digest(tokens_file) != meta["sha256"]:
+        notes.append(f"note: the cached tokens {tokens_file} do not match their saved hash: prepared again")
+        return None
+    touch(meta_file, tokens_file)
     return np.memmap(tokens_file, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)), meta["n_characters"]
 
 
 def _read_meta(meta_file):
+    content = load_checked(meta_file)
     try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-        return meta if meta.get("version") == CACHE_VERSION else None
-    except (OSError, ValueError):
+        meta = json.loads(content) if content else None
+    except ValueError:
         return None
+    return meta if isinstance(meta, dict) and meta.get("version") == CACHE_VERSION else None
 
 
 def check_split(dataset: Dataset, block_size: int, source: str) -> None:

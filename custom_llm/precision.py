@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from custom_llm.cache import user_cache_folder
+
 # bfloat16 must be at least this much faster on the probe to be chosen: the probe times matrix
 # products only, and the rest of a training step (casts, attention kept in float32, the
 # optimizer) gains nothing, so a small win on the probe is no win on the step.
@@ -123,8 +125,7 @@ def machine_key() -> str:
 
 
 def cache_file() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "custom-llm-scripts", "precision.json")
+    return os.path.join(user_cache_folder(), "precision.json")
 
 
 def cached_probe() -> tuple:

@@ -1,12 +1,11 @@
-"""Reading a training text: checks, chunked decoding of a file of any size, its content hash,
-and the cache folder beside it (.token_cache/) where tokenizers and token files are kept."""
+"""Reading a training text: checks, chunked decoding of a file of any size, and its content hash
+(the key of everything cached from it, cache.py)."""
 
 import codecs
 import hashlib
 import os
 
-from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
+from custom_llm.cli import UserError, cannot_read
 
 CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in the CPU cache (measured fastest)
 
@@ -62,8 +61,8 @@ def read_chunks(path: str, encoding: str = "utf-8"):
                 carry = data[cut:]
                 if not raw:
                     return
-    except PermissionError:
-        raise UserError(f"{path} is not readable (permission denied): check its permissions") from None
+    except OSError as err:
+        raise cannot_read(path, err) from None
 
 
 SPACE_BYTES = b" \t\n\r\x0b\x0c"
@@ -92,21 +91,10 @@ def _decode(decoder, data, final, path, encoding, offset):
 
 def file_hash(path: str) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cache_folder(text_path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(text_path)), ".token_cache")
-
-
-def save_quietly(path, content):
-    """Cache files are an optimisation: failing to write one is not an error."""
     try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(content)
-    except (OSError, UserError):
-        pass
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+    except OSError as err:
+        raise cannot_read(path, err) from None
+    return digest.hexdigest()

@@ -23,8 +23,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
-from custom_llm.textfile import cache_folder, check_text_file, file_hash, read_chunks, save_quietly
+from custom_llm.cli import UserError, cannot_read
+from custom_llm.cache import load_checked, save_checked, token_cache_folder
+from custom_llm.textfile import check_text_file, file_hash, read_chunks
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -134,7 +135,12 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python train_llm.py` first, it writes the tokenizer")
     try:
-        return Tokenizer.from_file(path)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            content = f.read()
+    except OSError as err:
+        raise cannot_read(path, err) from None
+    try:
+        return Tokenizer.from_str(content)
     except Exception as err:
         raise UserError(f"{path} is not a readable tokenizer ({str(err).splitlines()[0][:120]}): "
                         "retrain with `python train_llm.py`") from None
@@ -247,18 +253,27 @@ class ChunkEncoder:
 
 
 def bpe_tokenizer_for(path: str, encoding: str, vocab_size: int):
-    """The BPE tokenizer trained on this text (cached next to it, keyed by content and size)."""
+    """The BPE tokenizer trained on this text (cached, keyed by its content and the size)."""
     check_text_file(path)
-    cached = os.path.join(cache_folder(path), f"{file_hash(path)}.{encoding}.bpe{vocab_size}.tokenizer.json")
-    if os.path.exists(cached):
-        return Tokenizer.from_file(cached), True
+    folder, _ = token_cache_folder(path)
+    cached = os.path.join(folder, f"{file_hash(path)}.{encoding}.bpe{vocab_size}.tokenizer.json")
+    tokenizer = tokenizer_from_cache(cached)
+    if tokenizer is not None:
+        return tokenizer, True
     if vocab_size < 258:
         raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
                         "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
     tokenizer = train_bpe_tokenizer(read_chunks(path, encoding), vocab_size)
-    try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        save_quietly(cached, tokenizer.to_str())
-    except OSError:
-        pass
+    save_checked(cached, tokenizer.to_str())
     return tokenizer, False
+
+
+def tokenizer_from_cache(path: str):
+    """A cached tokenizer, or None when there is none or it does not match its saved hash."""
+    content = load_checked(path)
+    if content is None:
+        return None
+    try:
+        return Tokenizer.from_str(content)
+    except Exception:
+        return None
