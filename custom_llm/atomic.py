@@ -101,20 +101,24 @@ def write_failure(err: BaseException, tmp: str) -> str:
     """Why a write failed, in words: the system's reason where there is one, a full disk or the
     file size limit where the library only said that its write failed (torch says 'unexpected
     pos', gguf 'N requested and M written'), else the library's own message."""
-    if isinstance(err, OSError) and err.errno:
-        return err.strerror or os.strerror(err.errno)
+    code = err.errno if isinstance(err, OSError) and err.errno else None
     said = str(err)
-    code = re.search(r"os error (\d+)", said)   # Rust libraries: tokenizers, safetensors
-    if code:
-        return os.strerror(int(code.group(1)))
-    try:
-        if shutil.disk_usage(os.path.dirname(tmp)).free < FULL_DISK_BYTES:
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
+    if code is None and (match := re.search(r"os error (\d+)", said)):   # Rust: tokenizers, safetensors
+        code = int(match.group(1))
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
-    if limit not in (None, getattr(resource, "RLIM_INFINITY", None)) and _largest_file(tmp) >= limit:
-        return f"{os.strerror(errno.EFBIG)} (this process may write files of at most {limit:,} bytes: ulimit -f)"
+    limited = limit not in (None, getattr(resource, "RLIM_INFINITY", None))
+    if code is None:
+        try:
+            if shutil.disk_usage(os.path.dirname(tmp)).free < FULL_DISK_BYTES:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code is None and limited and _largest_file(tmp) >= limit:
+        code = errno.EFBIG
+    if code == errno.EFBIG and limited:
+        return f"{os.strerror(code)} (this process may write files of at most {limit:,} bytes: ulimit -f)"
+    if code is not None:
+        return os.strerror(code)
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     return lines[0][:200] if lines else type(err).__name__
 

@@ -45,6 +45,7 @@ def export_hf(model, tokenizer, output_dir: str) -> None:
 def write_hf_folder(model, tokenizer, folder: str) -> None:
     """export_hf's content, written into folder as it is (not atomically)."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    _quiet_transformers()
 
     config = model.config
     eot = tokenizer.token_to_id(END_OF_TEXT)
@@ -64,6 +65,12 @@ def write_hf_folder(model, tokenizer, folder: str) -> None:
                                            eos_token=END_OF_TEXT, unk_token=None)
     hf_model.save_pretrained(folder, safe_serialization=True)
     hf_tokenizer.save_pretrained(folder)
+
+
+def _quiet_transformers():
+    """No progress bars from transformers: the stage prints one line per file itself."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
 
 
 # ------------------------------------------------------------------------------ GGUF
@@ -232,6 +239,7 @@ class HFExport:
 
     def __init__(self, path: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        _quiet_transformers()
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
