@@ -3,9 +3,9 @@ beside its destination and moved into place only when it is complete, so an inte
 run leaves the old file or the new one, never half of one, and a failed write leaves no temporary.
 
 Several outputs can be staged together (convert_to_gguf.py writes and checks all of its exports
-first) and moved into place only when all of them are good. Whatever a library raises while
-writing (torch.save, tokenizers, safetensors, gguf, llama.cpp) becomes one line naming the file
-and the reason: a full disk or the file size limit is said as such."""
+first) and moved into place only when all of them are good. A failed write, whatever the library
+raised for it (torch.save, tokenizers, safetensors, gguf, llama.cpp), becomes one line naming the
+file and the reason: a full disk or the file size limit is said as such."""
 
 import ctypes
 import errno
@@ -46,7 +46,10 @@ class Staging:
         except UserError:
             raise
         except Exception as err:
-            raise UserError(f"cannot write {destination}: {write_failure(err, tmp)}"
+            reason = write_failure(err, tmp)
+            if reason is None:   # not a failed write: a bug, shown as one
+                raise
+            raise UserError(f"cannot write {destination}: {reason}"
                             + ("" if scratch else "; the previous file is untouched")) from err
 
     def commit(self) -> None:
@@ -97,10 +100,11 @@ def atomic_dir(path: str):
         yield tmp
 
 
-def write_failure(err: BaseException, tmp: str) -> str:
+def write_failure(err: BaseException, tmp: str):
     """Why a write failed, in words: the system's reason where there is one, a full disk or the
     file size limit where the library only said that its write failed (torch says 'unexpected
-    pos', gguf 'N requested and M written'), else the library's own message."""
+    pos', gguf 'N requested and M written'), else an OSError's own message. None when err is no
+    failed write at all."""
     code = err.errno if isinstance(err, OSError) and err.errno else None
     said = str(err)
     if code is None and (match := re.search(r"os error (\d+)", said)):   # Rust: tokenizers, safetensors
@@ -119,6 +123,8 @@ def write_failure(err: BaseException, tmp: str) -> str:
         return f"{os.strerror(code)} (this process may write files of at most {limit:,} bytes: ulimit -f)"
     if code is not None:
         return os.strerror(code)
+    if not isinstance(err, OSError):
+        return None
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     return lines[0][:200] if lines else type(err).__name__
 

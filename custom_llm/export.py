@@ -184,7 +184,7 @@ def quantize_file(source: str, path: str, quant_type: str, llama_cpp_path: str =
     status = llama_cpp.llama_model_quantize(source.encode(), path.encode(), params)
     if status != 0:
         said = [line.strip() for line in llama_log.since(mark) if line.strip()][-1:] or ["no message"]
-        raise RuntimeError(f"llama.cpp could not quantize to {quant_type} (status {status}): {said[0]}")
+        raise OSError(f"llama.cpp could not quantize to {quant_type} (status {status}): {said[0]}")
 
 
 def fallback_tensors(path: str, quant_type: str) -> dict:
@@ -219,7 +219,7 @@ def _quantize_with_binary(source, destination, quant_type, llama_cpp_path):
     result = subprocess.run([binary, source, destination, quant_type], capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-        raise RuntimeError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
+        raise OSError(f"{binary} failed on {quant_type}: {' '.join(tail)}")
 
 
 def tensor_types(path: str) -> dict:

@@ -51,10 +51,8 @@ def read_chunks(path: str, encoding: str = "utf-8"):
                 if cut == 0 and len(data) < 16 * CHUNK_BYTES:
                     carry = data  # no safe cut yet: read on
                     continue
-                if cut == 0:  # one enormous line: cut anywhere outside a character
-                    cut = len(data) - 1
-                    while cut > 0 and (data[cut] & 0xC0) == 0x80:
-                        cut -= 1
+                if cut == 0:  # one enormous line without spaces
+                    cut = _cut_between_characters(data)
                 if cut:
                     yield _decode(decoder, data[:cut], True, path, encoding, offset)
                 offset += cut
@@ -79,6 +77,22 @@ def _safe_cut(data: bytes) -> int:
                     and data[position + 1] not in SPACE_BYTES:
                 return position + after
     return 0
+
+
+# tokenizer.END_OF_TEXT (tokenizer.py imports this module): a cut must not split it either.
+END_OF_TEXT_BYTES = b"<|endoftext|>"
+
+
+def _cut_between_characters(data: bytes) -> int:
+    """The last cut point in data that splits neither a UTF-8 character nor <|endoftext|>: for a
+    line with no newline or space for 16 chunks, where no better cut exists."""
+    cut = len(data) - 1
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    for length in range(len(END_OF_TEXT_BYTES) - 1, 0, -1):
+        if data.endswith(END_OF_TEXT_BYTES[:length], 0, cut):
+            return cut - length
+    return cut
 
 
 def _decode(decoder, data, final, path, encoding, offset):

@@ -98,11 +98,13 @@ def build_char_tokenizer(characters) -> Tokenizer:
         add(_symbol(ch.encode("utf-8")))
     for symbol in BYTE_SYMBOLS:
         add(symbol)
+    known = set()
     for ch in characters:
         data = ch.encode("utf-8")
         for end in range(2, len(data) + 1):
             pair = (_symbol(data[:end - 1]), _symbol(data[end - 1:end]))
-            if pair not in merges:
+            if pair not in known:
+                known.add(pair)
                 merges.append(pair)
             add(pair[0] + pair[1])
     # llama.cpp requires at least one merge and an all-ASCII text has none: add one that can
@@ -235,12 +237,13 @@ class ChunkEncoder:
             if self.given is not None:  # characters this tokenizer only has as bytes
                 return np.array(encode(self.given, text), dtype=np.uint16)
             new, first_seen = np.unique(codepoints[ids == self.UNKNOWN], return_index=True)
+            if len(self.characters) + len(new) + 256 >= self.END_OF_TEXT_ID:
+                raise UserError(f"the text has more than {self.END_OF_TEXT_ID - 257:,} distinct characters, more "
+                                "than a character tokenizer numbers in its 16-bit token file: use a BPE "
+                                "tokenizer (python llm_model.py --tokenizer bpe)")
             for codepoint in new[np.argsort(first_seen)].tolist():  # ids in order of appearance
                 self.table[codepoint] = len(self.characters)
                 self.characters.append(chr(codepoint))
-            if len(self.characters) + 256 >= self.END_OF_TEXT_ID:
-                raise UserError("the text has more than 65,000 distinct characters: a character "
-                                "tokenizer does not suit it")
             ids = self.table[codepoints]
         return ids
 

@@ -130,3 +130,16 @@ def test_a_full_disk_under_every_writer(trained, text_file, f32_source, small_tm
     result = subprocess.run([sys.executable, *command(text_file, f32_source)], cwd=small_tmpfs,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     check(result, small_tmpfs, target, before, "No space left on device")
+
+
+def test_a_bug_while_writing_is_not_called_a_failed_write(tmp_path):
+    """Only failed writes become 'cannot write': a bug in the code writing the file shows as itself."""
+    from custom_llm.atomic import atomic_path
+    target = tmp_path / "trained_model.pth"
+    target.write_bytes(b"previous")
+    with pytest.raises(OverflowError):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise OverflowError("Python integer 65536 out of bounds for uint16")
+    assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["trained_model.pth"]
