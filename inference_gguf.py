@@ -67,7 +67,10 @@ def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json:
     """Prompts until an empty line, Ctrl-D or /quit. Lines starting with / change settings."""
     interactive = sys.stdin.isatty()
     if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # Windows has no readline: input() still works, without history
+            pass
         say(f"Loaded {name} (context {model.block_size} tokens). Type a prompt; /help lists the "
             "commands; an empty line or Ctrl-D quits.")
     while True:
