@@ -113,7 +113,7 @@ def add_question_flags(parser: ArgumentParser, questions) -> None:
                             metavar=None if number is None else "N" if number.kind is int else "F",
                             help=q.prompt + ("" if number is None else f"; {number.describe()}")
                             + f" (default: {q.default})")
-        if number is not None:
+        if number is not None and q.parse == number.parse:  # a question with its own parser checks itself
             parser.numbers.append(q.name)
     parser.add_argument("--yes", "-y", action="store_true",
                         help="take the default for every question not given as a flag")
