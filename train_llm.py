@@ -24,6 +24,7 @@ from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
 from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
                               save_config)
+from custom_llm.flags import NUMBERS
 from custom_llm.model import GPTLanguageModel, check_memory
 from custom_llm.resources import peak_rss_bytes
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
@@ -31,7 +32,8 @@ from custom_llm.training import StopRequest, TrainingRun, pick_device, plot_loss
 
 DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
-    Question("batch_size", "Batch size", 128),
+    Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32)", "auto",
+             lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
     Question("learning_rate", "Learning rate", 0.015),
     Question("max_epochs", "Number of epochs", 5),
     Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),

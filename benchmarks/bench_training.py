@@ -2,12 +2,15 @@
 
     python benchmarks/bench_training.py --nanogpt /path/to/nanoGPT-checkout
     python benchmarks/bench_training.py --skip_nanogpt --reference_seconds 106 -- --learning_rate 0.002
+    python benchmarks/bench_training.py --nanogpt DIR --same_time    # train_llm.py --minutes: nanoGPT's time
 
 Both train the same model (4 layers, 4 heads, n_embd 128, block_size 64, dropout 0; 0.8M
 parameters) on the same text with the same 90/10 split, one after the other on this machine.
 Printed: wall time (from process start) to validation loss 1.886, validation loss reached within
 nanoGPT's total time, end-to-end training tokens/s, peak RSS, and the ratios.
-Arguments after `--` go to train_llm.py unchanged.
+Arguments after `--` go to train_llm.py unchanged. With --same_time, train_llm.py gets only
+`--minutes`, set so that its process ends when nanoGPT's did (its wall time less this script's
+measure of train_llm.py's start-up and final save, STARTUP_SECONDS).
 """
 
 import argparse
@@ -25,6 +28,7 @@ sys.path.insert(0, REPO)
 from custom_llm.precision import cpu_summary  # noqa: E402
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 TARGET_LOSS = 1.886
+STARTUP_SECONDS = 5.0  # train_llm.py's imports, token cache and model set-up before its first step
 MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
 NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                   "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -79,7 +83,7 @@ def run_ours(text, workdir, extra):
     with open(os.path.join(folder, "training_log.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     evals = [(row["time"] - started, row["step"], row["val_loss"]) for row in rows]
-    match = re.search(r"(\d+) steps in ([\d.]+)s, ([\d,]+) tokens/s", output)
+    match = re.search(r"(\d+) steps in ([\d.]+)s[^,]*, ([\d,]+) tokens/s", output)
     return {"wall": wall, "rss": rss, "evals": evals, "tokens": rows[-1]["tokens"],
             "loop_tokens_per_s": float(match.group(3).replace(",", "")) if match else None,
             "summary": [line for line in output.splitlines() if line.startswith(("Training on", "Saved"))]}
@@ -101,6 +105,8 @@ def main():
     parser.add_argument("--skip_nanogpt", action="store_true")
     parser.add_argument("--reference_seconds", type=float, default=106.0,
                         help="nanoGPT's time when it is not run here")
+    parser.add_argument("--same_time", action="store_true",
+                        help="give train_llm.py --minutes matching nanoGPT's (or --reference_seconds) wall time")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
     workdir = tempfile.mkdtemp(prefix="bench-training-")
@@ -111,8 +117,11 @@ def main():
             if not args.nanogpt:
                 raise SystemExit("give --nanogpt DIR (a nanoGPT checkout) or --skip_nanogpt")
             nano = run_nanogpt(args.nanogpt, args.text, workdir)
-        ours = run_ours(args.text, workdir, extra)
         reference = nano["wall"] if nano else args.reference_seconds
+        if args.same_time:
+            extra = ["--minutes", f"{(reference - STARTUP_SECONDS) / 60:.3f}", *extra]
+            print(f"train_llm.py {' '.join(extra)}")
+        ours = run_ours(args.text, workdir, extra)
 
         rows = [("nanoGPT", nano)] if nano else []
         rows.append(("train_llm.py", ours))

@@ -55,7 +55,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-        self.numbers = []   # names of the flags parse_args checks against flags.NUMBERS
+        self.checks = {}    # flag name -> its parser, run by parse_args on what the command line gave
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -68,15 +68,15 @@ class ArgumentParser(argparse.ArgumentParser):
         help_text = f"{number.meaning}; {number.describe()}" + ("" if shown is None else f" (default: {shown})")
         self.add_argument(f"--{name}", default=default, metavar="N" if number.kind is int else "F",
                           help=help_text.replace("%", "%%"))
-        self.numbers.append(name)
+        self.checks[name] = number.parse
 
     def parse_args(self, *args, **kwargs):
         parsed = super().parse_args(*args, **kwargs)
-        for name in self.numbers:
+        for name, parse in self.checks.items():
             given = getattr(parsed, name)
             if isinstance(given, str):   # from the command line; defaults are numbers already
                 try:
-                    setattr(parsed, name, NUMBERS[name].parse(given))
+                    setattr(parsed, name, parse(given))
                 except ValueError as reason:
                     raise UserError(f"--{name}: {reason}", 2) from None
         return parsed
@@ -124,7 +124,7 @@ def add_question_flags(parser: ArgumentParser, questions) -> None:
                             help=q.prompt + ("" if number is None else f"; {number.describe()}")
                             + f" (default: {q.default})")
         if number is not None:
-            parser.numbers.append(q.name)
+            parser.checks[q.name] = q.parse
     parser.add_argument("--yes", "-y", action="store_true",
                         help="take the default for every question not given as a flag")
 
