@@ -24,8 +24,9 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total, self.step = total, initial
         self.last_line = time.time()
+        # Drawn from the first update on, so that it does not stand above the start-up lines.
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False,
-                        disable=not (enabled and interactive), file=self.stream)
+                        disable=not (enabled and interactive), file=self.stream, delay=1e-9)
 
     def update(self, step: int, total: int, loss: float, tokens_per_s: float, seconds_left: float) -> None:
         if not self.enabled:
