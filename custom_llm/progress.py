@@ -22,7 +22,7 @@ class Progress:
                  interval: float = 30.0, stream=None):
         self.enabled, self.interactive, self.interval = enabled, interactive, interval
         self.stream = stream or sys.stderr
-        self.total, self.step = total, initial
+        self.total = total
         self.last_line = time.time()
         # Drawn from the first update on, so that it does not stand above the start-up lines.
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False,
@@ -31,7 +31,6 @@ class Progress:
     def update(self, step: int, total: int, loss: float, tokens_per_s: float, seconds_left: float) -> None:
         if not self.enabled:
             return
-        self.step = step
         if total != self.total:   # a time budget revised the plan
             self.total = self.bar.total = total
             self.bar.refresh()

@@ -93,6 +93,9 @@ def plot_losses(metrics_path, plot_path):
 
 # ------------------------------------------------------------------------------ the run
 
+UNMEASURED = 10 ** 9   # the total steps of a timed run before its step time is known
+
+
 @dataclass
 class StepPlan:
     """How long a run is. Each step trains on batch_size windows per process and accumulation
@@ -129,9 +132,6 @@ class StepPlan:
     @property
     def n_epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
-
-
-UNMEASURED = 10 ** 9   # the total steps of a timed run before its step time is known
 
 
 def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16: bool) -> int:
