@@ -28,7 +28,7 @@ from custom_llm.flags import NUMBERS
 from custom_llm.model import GPTLanguageModel, check_memory
 from custom_llm.resources import peak_rss_bytes
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
-from custom_llm.training import StopRequest, TrainingRun, pick_device, plot_losses
+from custom_llm.training import StopRequest, TrainingRun, continue_log, pick_device, plot_losses
 
 DEFAULT_TEXT = "input.txt"
 QUESTIONS = [
@@ -112,7 +112,9 @@ def train(args, processes):
     model = load_trained_model(args.init_from, config).train() if args.init_from else GPTLanguageModel(config)
     training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, args.memory_gb,
                            checkpoint)
-    if not checkpoint and processes.is_main and os.path.exists(args.metrics_path):
+    if processes.is_main and checkpoint:
+        continue_log(args.metrics_path, checkpoint["step"])
+    elif processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
     say(training.summary())
 

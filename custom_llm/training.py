@@ -69,13 +69,37 @@ class StopRequest:
         return False
 
 
+def read_log(metrics_path) -> list:
+    """The metrics log's rows. A line cut short by a kill mid-write is not a row."""
+    rows = []
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def continue_log(metrics_path, step: int) -> None:
+    """A resumed run goes on from its checkpoint's step: the log keeps the rows up to that step.
+    Rows written after it (by a run killed before its next checkpoint) are dropped, since the
+    resumed run writes them again."""
+    try:
+        rows = read_log(metrics_path)
+    except FileNotFoundError:
+        return
+    with atomic_path(metrics_path) as tmp:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+
+
 def plot_losses(metrics_path, plot_path):
     """Loss curve from the metrics log, drawn without a display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_log(metrics_path)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -167,9 +191,15 @@ class TrainingRun:
         if plan["batch_size"] == "auto":
             plan["batch_size"] = auto_batch_size(self.precision)
         self.generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
-        # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget.
-        micro = plan["batch_size"] if self.device_type == "cuda" else \
-            micro_batch_for(model.config, plan["batch_size"], memory_gb * 2**30, self.precision.autocast)
+        # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget. A resumed
+        # run keeps its first split: the split sets the order in which gradients are summed, and
+        # the memory in use at start-up (which sizes it) is not the same after loading a checkpoint.
+        if checkpoint and checkpoint.get("micro_batch_size"):
+            micro = checkpoint["micro_batch_size"]
+        elif self.device_type == "cuda":
+            micro = plan["batch_size"]
+        else:
+            micro = micro_batch_for(model.config, plan["batch_size"], memory_gb * 2**30, self.precision.autocast)
         self.memory_gb, self.memory_estimate = memory_gb, training_memory_bytes(model.config, micro,
                                                                                  self.precision.autocast)
         self.steps = StepPlan.of(plan, len(dataset.train), self.block_size, processes.world_size, micro)
@@ -361,5 +391,5 @@ class TrainingRun:
             "last_eval_step": self.last_eval_step, "config": self.model.config, "plan": self.plan,
             "tokenizer_hash": tokenizer_hash(self.dataset.tokenizer), "text_hash": self.dataset.text_hash,
             "elapsed": self.elapsed(), "total_steps": self.steps.total_steps,
-            "warmup_steps": self.steps.warmup_steps})
+            "warmup_steps": self.steps.warmup_steps, "micro_batch_size": self.steps.micro_batch_size})
         self.last_checkpoint = time.time()

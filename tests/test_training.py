@@ -251,10 +251,12 @@ def test_validation_every_interval_since_the_last_and_at_each_epoch_end(configur
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
 
 
-def test_files_survive_sigkill_at_random_moments(configured):
+def test_files_survive_sigkill_at_random_moments(configured, tmp_path_factory):
     folder, text_file = configured
     rng = random.Random(0)
     plan = ["--max_steps", 400, "--eval_interval", 5, "--checkpoint_interval", 7]
+    # Checkpoints every 7 steps and log lines every 5: a kill usually falls after lines that the
+    # last checkpoint does not cover, which the resumed run writes again.
     kills = 0
     for attempt in range(4):
         process = start_training(folder, text_file, *plan, *(["--resume"] if attempt else []))
@@ -281,6 +283,14 @@ def test_files_survive_sigkill_at_random_moments(configured):
     final = run_script("train_llm.py", "--resume", cwd=folder)
     assert final.returncode == 0, final.stderr
     assert torch.load(folder / "checkpoint.pth", weights_only=True)["step"] == 400
+    # The log is the uninterrupted run's: no line twice, none lost, none torn.
+    reference = tmp_path_factory.mktemp("reference")
+    assert run_script("llm_model.py", *TINY, "-y", cwd=reference).returncode == 0
+    assert run_script("train_llm.py", "--dataset_path", text_file, *QUICK, *plan, cwd=reference).returncode == 0
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "training_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [row["step"] for row in expected]
+    assert [row["val_loss"] for row in log] == pytest.approx([row["val_loss"] for row in expected], abs=1e-4)
     # A kill can leave a temporary file beside its target (never in its place); the next run clears them.
     assert not [p for p in os.listdir(folder) if p.endswith(".tmp")], os.listdir(folder)
 
