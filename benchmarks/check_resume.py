@@ -12,6 +12,7 @@ maximum weight difference of each run, and of a second uninterrupted run (the no
 """
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -30,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from custom_llm.precision import cpu_summary  # noqa: E402
 
+print = functools.partial(print, flush=True)  # progress shows in a log file too
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 
 

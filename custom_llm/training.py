@@ -211,6 +211,11 @@ class TrainingRun:
         if self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        else:
+            # oneDNN (bfloat16 products on CPU) may otherwise pick kernels that sum in an order that
+            # varies from run to run; a resumed run must end where an uninterrupted one does. No
+            # cost measured on Zen 5 (0.82-0.93 s per default-shape step either way).
+            torch.backends.mkldnn.deterministic = True
         self.compiled = compile_mode == "yes" or (compile_mode == "auto" and self.device_type == "cuda")
         self.train_model = torch.compile(model) if self.compiled else model
         if processes.distributed:
