@@ -5,10 +5,11 @@ resumed must end with the weights of a run that was never stopped.
     python benchmarks/check_resume.py --dtype float32 --runs 10
     python benchmarks/check_resume.py --torchrun               # 2 processes against --grad_accum_steps 2
 
-Each run trains the same plan (default model shape and training flags, --max_steps on the text)
-in a fresh folder, sends SIGINT at a random time during training, resumes with --resume and
-compares the final weights and the log with those of an uninterrupted reference run. Prints the
-maximum weight difference of each run, and of a second uninterrupted run (the noise floor).
+Each run trains the same plan (default model shape and training flags, --max_steps on the text,
+a validation line in the log after every step) in a fresh folder, sends SIGINT once the log shows
+a random step, resumes with --resume and compares the final weights and the log with those of an
+uninterrupted reference run. Prints the maximum weight difference of each run, and of a second
+uninterrupted run (the noise floor).
 """
 
 import argparse
@@ -16,13 +17,11 @@ import functools
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -57,24 +56,20 @@ def train(folder, plan, *extra, processes=1, env=None):
     return result
 
 
-def interrupted(folder, plan, seconds_of_training):
-    """Start the run, SIGINT it a random time after training starts; returns the step it stopped at."""
+def interrupted(folder, plan, step):
+    """Start the run and SIGINT it once it has logged `step` steps (a log line per step); returns
+    the step its checkpoint holds, or None when it ended before the signal."""
     process = subprocess.Popen(script("train_llm.py") + ["-y", *plan], cwd=folder, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    started = threading.Event()
-
-    def watch():
-        for line in process.stdout:
-            if line.startswith("Precision:"):
-                started.set()
-    threading.Thread(target=watch, daemon=True).start()
-    started.wait(300)
-    time.sleep(random.uniform(0.05, 0.95) * seconds_of_training)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=600)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(folder, "training_log.jsonl")
+    while process.poll() is None:
+        if os.path.exists(log) and len(open(log).readlines()) >= step:
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    process.wait(timeout=600)
     if process.returncode != 130:
-        return None  # it ended before the signal arrived
+        return None
     return torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=True)["step"]
 
 
@@ -120,7 +115,6 @@ def main():
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max_steps", type=int, default=40)
-    parser.add_argument("--eval_interval", type=int, default=10, help="a few log lines to compare")
     parser.add_argument("--shape", default="", help="llm_model.py flags; default: its default shape")
     parser.add_argument("--text", default=DEFAULT_TEXT)
     parser.add_argument("--seed", type=int, default=0, help="for the moments of interruption")
@@ -129,7 +123,7 @@ def main():
     random.seed(args.seed)
     shape = args.shape.split()
     plan = ["--dataset_path", os.path.abspath(args.text), "--max_steps", str(args.max_steps),
-            "--eval_interval", str(args.eval_interval), "--dtype", args.dtype]
+            "--eval_interval", "1", "--eval_batches", "1", "--dtype", args.dtype]  # a log line per step
     root = tempfile.mkdtemp(prefix="check-resume-")
     print(f"CPU: {cpu_summary()}\nplan: {' '.join(plan)}  shape: {args.shape or 'default'}\n")
     try:
@@ -137,7 +131,6 @@ def main():
             return compare_processes(root, shape, plan)
         configure(os.path.join(root, "reference"), shape)
         reference = train(os.path.join(root, "reference"), plan)
-        seconds = float(re.search(r"steps in ([\d.]+)s", reference.stdout).group(1))  # of training
         print(next(line for line in reference.stdout.splitlines() if line.startswith("Precision")))
         configure(os.path.join(root, "again"), shape)
         train(os.path.join(root, "again"), plan)
@@ -148,7 +141,7 @@ def main():
         for run in range(args.runs):
             folder = os.path.join(root, f"run{run}")
             configure(folder, shape)
-            step = interrupted(folder, plan, seconds)
+            step = interrupted(folder, plan, random.randint(1, args.max_steps - 1))
             if step is None:
                 print(f"run {run + 1}: finished before the signal; not counted")
                 continue
