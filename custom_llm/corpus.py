@@ -45,8 +45,8 @@ class Corpus:
     encoding: str
     single: bool                # one file given by name: read as one text, the last 10% held out
     files: list                 # every Document found, skipped ones too, in the order found
-    folder: str                 # where the token cache goes beside
-    documents: list = field(default_factory=list)   # the readable ones, training first, held out last
+    folder: str                 # the folder whose .token_cache/ holds what is cached from the text
+    documents: list = field(init=False)   # the readable files: training ones first, held-out ones last
 
     def __post_init__(self):
         readable = [d for d in self.files if not d.skipped]
@@ -91,7 +91,7 @@ class Corpus:
             yield from read_chunks(document.path, self.encoding)
 
     def _joined(self, documents, last):
-        """The documents' chunks with <|endoftext|> after each, but after the corpus's last one."""
+        """The documents' chunks with <|endoftext|> after each but the corpus's last one."""
         for i, document in enumerate(documents):
             yield from read_chunks(document.path, self.encoding)
             if not (last and i == len(documents) - 1):
@@ -106,7 +106,8 @@ class Corpus:
 
     def validation_rule(self) -> str:
         if self.held_out:
-            return f"{len(self.held_out)} whole files held out"
+            n = len(self.held_out)
+            return f"{n} whole file{'s' if n > 1 else ''} held out"
         return "the last 10% held out"
 
     def notes(self) -> list:
@@ -128,8 +129,8 @@ class Corpus:
 
 def changed_files(before: dict, now: dict) -> str:
     """What differs between two manifests, briefly ('notes/a.txt changed, notes/b.md added'),
-    or '' when that cannot be said (no manifest before, or the same files)."""
-    if not before or len(before.get("files", [])) + len(now["files"]) <= 1:
+    or '' when that cannot be said (no manifest before: a checkpoint older than manifests)."""
+    if not before:
         return ""
     old = {f["path"]: f["blake2b"] for f in before["files"]}
     new = {f["path"]: f["blake2b"] for f in now["files"]}
@@ -157,11 +158,8 @@ def parse_dataset_answer(text: str):
     if not words:
         raise ValueError("no path given")
     for word in words:
-        if _is_glob(word):
-            if not glob.glob(word, recursive=True):
-                raise ValueError(f"{word} matches no file")
-        elif not os.path.exists(word):
-            raise ValueError(f"{word} does not exist")
+        if _not_there(word):
+            raise ValueError(_not_there(word))
     return words[0] if len(words) == 1 else words
 
 
@@ -180,7 +178,7 @@ def absolute_spec(spec):
 
 
 def spec_exists(spec) -> bool:
-    return all(glob.glob(p, recursive=True) if _is_glob(p) else os.path.exists(p) for p in spec_list(spec))
+    return not any(_not_there(path) for path in spec_list(spec))
 
 
 def find_documents(spec, encoding: str = "utf-8") -> Corpus:
@@ -217,17 +215,23 @@ def _is_glob(path: str) -> bool:
     return any(c in path for c in GLOB_CHARACTERS) and not os.path.exists(path)
 
 
+def _not_there(path: str) -> str:
+    """Why a given path or glob names nothing, or ''."""
+    if _is_glob(path):
+        return "" if glob.glob(path, recursive=True) else f"{path} matches no file"
+    return "" if os.path.exists(path) else f"{path} does not exist"
+
+
 def _expand(path: str) -> list:
     """The files one given path stands for: itself, a folder's .txt and .md files, a glob's matches."""
+    if _not_there(path):
+        raise UserError(f"{_not_there(path)}: give text files, folders or globs with --dataset_path", 2)
     if _is_glob(path):
         matches = sorted(glob.glob(path, recursive=True))
         files = [name for match in matches for name in (_folder_files(match) if os.path.isdir(match) else [match])]
         if not files:
-            raise UserError(f"{path} matches no file: check the pattern (quote it, so that the shell "
-                            "leaves it to --dataset_path)", 2)
+            raise UserError(f"{path} matches no .txt or .md file: check the pattern", 2)
         return files
-    if not os.path.exists(path):
-        raise UserError(f"{path} does not exist: give a text file, a folder or a glob with --dataset_path", 2)
     if not os.path.isdir(path):
         return [path]
     files = _folder_files(path)

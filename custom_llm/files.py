@@ -108,6 +108,6 @@ def check_resume(checkpoint, config, tokenizer, dataset):
     if checkpoint["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise UserError("cannot resume: tokenizer.json differs from the one the checkpoint was trained with")
     if checkpoint["text_hash"] != dataset.text_hash:
-        changed = changed_files(checkpoint.get("manifest"), dataset.corpus.manifest())
+        changed = "" if dataset.corpus.single else changed_files(checkpoint.get("manifest"), dataset.corpus.manifest())
         raise UserError(f"cannot resume: the text {spec_text(checkpoint['plan']['dataset_path'])} changed since "
                         f"the checkpoint ({changed or 'its content hash differs'}); start a new run or use --init_from")
