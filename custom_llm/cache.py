@@ -44,8 +44,8 @@ def token_cache_folder(text_folder: str):
     if _writable(mine):
         return mine, (f"note: {text_folder} cannot be written, so the token cache is in {mine} "
                       f"(at most {CACHE_CAP_BYTES / 2 ** 30:g} GB; the texts used longest ago are removed first)")
-    raise UserError(f"cannot cache the tokens of the text in {text_folder}: neither {beside} nor {mine} can be written; "
-                    "set XDG_CACHE_HOME to a writable folder")
+    raise UserError(f"cannot cache the tokens of the text in {text_folder}: neither {beside} nor {mine} "
+                    "can be written; set XDG_CACHE_HOME to a writable folder")
 
 
 def digest(path: str) -> str:

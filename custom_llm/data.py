@@ -1,12 +1,12 @@
 """Training text -> token file on disk -> batches of windows.
 
-A text of any size, or a folder of documents joined with <|endoftext|> (corpus.py), is read in
-chunks (textfile.py) and encoded straight into a uint16 token file in one pass (the character
-vocabulary is discovered on the way). The token file is cached (cache.py: beside the text in
-.token_cache/, or in the user's cache folder), keyed by the text's content hash (a folder's:
-its manifest's) and the tokenizer, and checked against its own content hash when it is read, so a second run on the
-same text skips all of this and a damaged cache file is rebuilt, never trained on. Training reads
-the file memory-mapped: no Python work per sample.
+A text of any size, or documents joined with <|endoftext|> (corpus.py), is read in chunks
+(textfile.py) and encoded straight into a uint16 token file in one pass (the character vocabulary
+is discovered on the way). The token file is cached (cache.py: beside the text in .token_cache/,
+or in the user's cache folder), keyed by the text's content hash (for documents, their manifest's)
+and the tokenizer, and checked against its own content hash when it is read, so a second run on
+the same text skips all of this and a damaged cache file is rebuilt, never trained on. Training
+reads the file memory-mapped: no Python work per sample.
 """
 
 import hashlib
