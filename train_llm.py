@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from custom_llm.atomic import check_writable, remove_stale_temporaries
-from custom_llm.atomic import atomic_path
+from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
 from custom_llm.cli import ArgumentParser, Question, UserError, add_question_flags, ask, run
 from custom_llm.corpus import absolute_spec, parse_dataset_answer, spec_text
 from custom_llm.data import check_split, prepare_dataset
