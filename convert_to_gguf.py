@@ -19,6 +19,7 @@ import time
 from custom_llm.atomic import remove_stale_temporaries, staging
 from custom_llm.checks import check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
+from custom_llm.corpus import spec_text
 from custom_llm.evaluation import evaluation_windows, pytorch_logits, report_table, score
 from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fallback_tensors, quantize_file, tensor_types,
                                write_gguf_file)
@@ -55,8 +56,8 @@ def parse_args():
     parser.add_argument("--llama_cpp_path", default=None,
                         help="optional llama.cpp checkout whose llama-quantize to use instead")
     parser.add_argument("--eval_text", default=None,
-                        help="held-out text for the checks and the report (default: the last 10%% of "
-                             "the training text recorded in the config)")
+                        help="held-out text for the checks and the report (default: the validation part of "
+                             "the training text recorded in the config: its held-out files, or its last 10%%)")
     return parser.parse_args()
 
 
@@ -78,7 +79,7 @@ def main():
         windows = held_out_windows(eval_tokens, config["block_size"])
     elif show_report:
         raise UserError("the report needs held-out text, and the training text recorded in the config "
-                        f"({config.get('dataset_path')}) is not there: pass --eval_text FILE", 2)
+                        f"({spec_text(config.get('dataset_path') or '')}) is not there: pass --eval_text FILE", 2)
     else:
         print("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]

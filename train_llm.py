@@ -2,6 +2,7 @@
 
     python train_llm.py                                   # answer the questions
     python train_llm.py --dataset_path my.txt --max_steps 200 -y
+    python train_llm.py --dataset_path notes/ extra.txt 'posts/*.md' -y   # documents: folders, files, globs
     python train_llm.py --resume                          # continue an interrupted run
     python train_llm.py --init_from trained_model.pth --dataset_path more.txt   # train further
 
@@ -10,6 +11,7 @@ vocab_size, and saves trained_model.pth: the weights from the evaluation with th
 loss. A resumable checkpoint is saved every few hundred steps, every few minutes and on Ctrl-C.
 """
 
+import json
 import math
 import os
 import sys
@@ -17,8 +19,9 @@ import time
 
 import torch
 
-from custom_llm.atomic import check_writable, remove_stale_temporaries
-from custom_llm.cli import ArgumentParser, Question, UserError, add_question_flags, ask, existing_file, run
+from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
+from custom_llm.cli import ArgumentParser, Question, UserError, add_question_flags, ask, run
+from custom_llm.corpus import absolute_spec, parse_dataset_answer, spec_text
 from custom_llm.data import check_split, prepare_dataset
 from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
@@ -36,7 +39,8 @@ QUESTIONS = [
              lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
     Question("learning_rate", "Learning rate", 0.015),
     Question("max_epochs", "Number of epochs", 5),
-    Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),
+    Question("dataset_path", "Your text: a file, a folder, or several paths and globs separated by spaces",
+             DEFAULT_TEXT, parse_dataset_answer, several=True),
 ]
 
 
@@ -46,7 +50,7 @@ PLAN_FLAGS = ("minutes", "max_steps", "seed", "warmup_steps", "min_lr_ratio", "w
 
 
 def parse_args():
-    parser = ArgumentParser(description="Train your GPT on a text file.")
+    parser = ArgumentParser(description="Train your GPT on a text file or a folder of documents.")
     add_question_flags(parser, QUESTIONS)
     parser.add_number("minutes", shown_default="off: train for --max_epochs")
     parser.add_number("max_steps")
@@ -55,7 +59,7 @@ def parse_args():
     parser.add_argument("--config_path", default="model_config.pth")
     parser.add_argument("--output", default="trained_model.pth", help="where to save the best weights")
     parser.add_argument("--tokenizer_path", default="tokenizer.json")
-    parser.add_argument("--encoding", default="utf-8", help="the text file's encoding")
+    parser.add_argument("--encoding", default="utf-8", help="the text's encoding (files in another are skipped)")
     parser.add_number("eval_interval", 250)
     parser.add_number("eval_batches", 10)
     parser.add_number("warmup_steps", shown_default="5% of the steps, at most 200")
@@ -79,6 +83,8 @@ def parse_args():
                         help="start from these trained weights (with tokenizer.json), on a new text")
     parser.add_argument("--metrics_path", default="training_log.jsonl", help="one JSON line per evaluation")
     parser.add_argument("--plot_path", default="loss_curve.png", help="loss curve written at the end")
+    parser.add_argument("--manifest_path", default="dataset_manifest.json",
+                        help="the files trained on: path, size, content hash, held out or skipped")
     args = parser.parse_args()
     if args.minutes and args.max_steps:
         raise UserError("--minutes and --max_steps exclude each other: give the run's length as a time "
@@ -127,7 +133,7 @@ def ask_plan(args, checkpoint) -> dict:
     """Rank 0: clear the way for the run's files, then the plan: the checkpoint's on --resume,
     else the answers to the questions and the plan flags. Makes a default text if there is none."""
     for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path,
-                 args.config_path):
+                 args.config_path, args.manifest_path):
         check_writable(path)
         remove_stale_temporaries(path)  # left by a run that was killed while writing
     if checkpoint:
@@ -162,18 +168,21 @@ def load_text(args, plan, config, processes, say):
             say(f"BPE tokenizer: {tokenizer.get_vocab_size()} tokens" +
                 (" (from the token cache)" if cached else f", trained in {time.time() - started:.1f}s"))
         dataset = prepare_dataset(plan["dataset_path"], args.encoding, tokenizer)
-    check_split(dataset, config["block_size"], plan["dataset_path"])
-    say(f"Text: {dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
-        f"{len(dataset.val):,} validation tokens, {dataset.characters_per_token:.2f} characters per token"
+    check_split(dataset, config["block_size"], spec_text(plan["dataset_path"]))
+    corpus = dataset.corpus
+    say(f"Text: {corpus.describe()}{dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
+        f"{len(dataset.val):,} validation tokens" + ("" if corpus.single else f" ({corpus.validation_rule()})")
+        + f", {dataset.characters_per_token:.2f} characters per token"
         + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started:.1f}s)"))
-    for note in dataset.notes:   # where the token cache is, when not beside the text; what was rebuilt
+    for note in dataset.notes:   # where the token cache is, when not beside the text; what was rebuilt or skipped
         say(note)
     return dataset
 
 
 def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, say):
     """The tokenizer and the config must belong together: checked on --resume and --init_from;
-    a new run saves its tokenizer, and the config with its real vocab_size and the text's path."""
+    a new run saves its tokenizer, and the config with its real vocab_size and the text's path.
+    Every run saves the manifest of the files it trains on."""
     tokenizer = dataset.tokenizer
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
@@ -181,7 +190,8 @@ def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, 
         check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
     else:
         config["vocab_size"] = tokenizer.get_vocab_size()
-        config["dataset_path"] = os.path.abspath(plan["dataset_path"])  # convert_to_gguf.py checks on its held-out part
+        # convert_to_gguf.py checks the export on the text's held-out part
+        config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
         if is_main:
             save_tokenizer(tokenizer, args.tokenizer_path)
             save_config(config, args.config_path)
@@ -189,6 +199,10 @@ def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, 
             + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
                else "(one token per character, plus byte fallback")
             + f") saved to {args.tokenizer_path}")
+    if is_main:
+        with atomic_path(args.manifest_path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(dataset.corpus.manifest(), f, indent=1)
 
 
 def train_loop(training, args):

@@ -1,6 +1,7 @@
 """Where cached work is kept, and how a cache is kept honest and small.
 
-Token files and tokenizers made from a text are cached in .token_cache/ beside the text. Where
+Token files and tokenizers made from a text are cached in .token_cache/ beside the text (for a
+folder of documents, inside it). Where
 that folder cannot be written (a read-only dataset folder) they go to one folder per user,
 <user cache>/tokens, where the user cache is $XDG_CACHE_HOME/custom-llm-scripts (by default
 ~/.cache/custom-llm-scripts; precision.py keeps its probe there too).
@@ -22,7 +23,8 @@ from custom_llm.cli import UserError
 
 CACHE_CAP_BYTES = 4 * 2 ** 30
 READ_BYTES = 1 << 20
-# Cached files are named after the content hash of their text (textfile.file_hash, 32 hex digits).
+# Cached files are named after the content hash of their text (textfile.file_hash, 32 hex digits;
+# for several documents, the hash of their manifest, corpus.Corpus.key).
 TEXT_KEY = re.compile(r"([0-9a-f]{32})[-.]")
 
 
@@ -32,10 +34,9 @@ def user_cache_folder() -> str:
     return os.path.join(base, "custom-llm-scripts")
 
 
-def token_cache_folder(text_path: str):
-    """(folder for the text's cached tokens and tokenizers, a note saying where it is when that is
-    not beside the text, else None)."""
-    text_folder = os.path.dirname(os.path.abspath(text_path))
+def token_cache_folder(text_folder: str):
+    """(folder for the cached tokens and tokenizers of a text in text_folder (a folder of
+    documents: inside it), a note saying where it is when that is not there, else None)."""
     beside = os.path.join(text_folder, ".token_cache")
     if _writable(beside):
         return beside, None
@@ -43,8 +44,8 @@ def token_cache_folder(text_path: str):
     if _writable(mine):
         return mine, (f"note: {text_folder} cannot be written, so the token cache is in {mine} "
                       f"(at most {CACHE_CAP_BYTES / 2 ** 30:g} GB; the texts used longest ago are removed first)")
-    raise UserError(f"cannot cache the tokens of {text_path}: neither {beside} nor {mine} can be written; "
-                    "set XDG_CACHE_HOME to a writable folder")
+    raise UserError(f"cannot cache the tokens of the text in {text_folder}: neither {beside} nor {mine} "
+                    "can be written; set XDG_CACHE_HOME to a writable folder")
 
 
 def digest(path: str) -> str:

@@ -7,22 +7,25 @@ import os
 import numpy as np
 
 from custom_llm.cli import UserError
+from custom_llm.corpus import spec_exists
 from custom_llm.data import prepare_dataset
 from custom_llm.evaluation import pytorch_logits
 from custom_llm.tokenizer import HARD_STRINGS, encode
 
 
 def held_out_tokens(eval_text, config, tokenizer):
-    """(tokens, where they come from): all of eval_text, else the last 10% of the training text
-    (which training never learned from). (None, None) when neither is there."""
+    """(tokens, where they come from): all of eval_text, else the validation part of the training
+    text recorded in the config (its held-out files, or its last 10%), which training never learned
+    from. (None, None) when neither is there."""
     if eval_text:
         if not os.path.isfile(eval_text):
             raise UserError(f"--eval_text {eval_text} is not a file: give the path of a text "
                             "file to evaluate on", 2)
         return prepare_dataset(eval_text, tokenizer=tokenizer).tokens.tolist(), eval_text
-    path = config.get("dataset_path")
-    if path and os.path.exists(path):  # the same validation tokens training used
-        return prepare_dataset(path, tokenizer=tokenizer).val.tolist(), f"the last 10% of {path}"
+    spec = config.get("dataset_path")
+    if spec and spec_exists(spec):  # the same validation tokens training used
+        dataset = prepare_dataset(spec, config.get("dataset_encoding", "utf-8"), tokenizer)
+        return dataset.val.tolist(), dataset.val_source
     return None, None
 
 

@@ -3,6 +3,7 @@ flags checked against their range (flags.py), and one-line errors instead of tra
 
 import argparse
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -84,15 +85,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------- questions
 
-def existing_file(text: str) -> str:
-    path = os.path.expanduser(text.strip())
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a file")
-    return path
-
-
 @dataclass
 class Question:
     name: str                     # flag name and dict key
@@ -102,6 +94,8 @@ class Question:
     parse: Optional[Callable[[str], Any]] = None
     # Optional check against earlier answers; returns a reason string when the value is bad.
     check: Optional[Callable[[Any, dict], Optional[str]]] = None
+    # The flag takes several words, read as one answer: joined with spaces, quoted where needed.
+    several: bool = False
 
     def __post_init__(self):
         if self.parse is None:
@@ -119,7 +113,7 @@ def add_question_flags(parser: ArgumentParser, questions) -> None:
     """A flag per question; numeric ones are checked by parse_args, before anything else runs."""
     for q in questions:
         number = NUMBERS.get(q.name)
-        parser.add_argument(f"--{q.name}", type=str, default=None,
+        parser.add_argument(f"--{q.name}", type=str, default=None, nargs="+" if q.several else None,
                             metavar=None if number is None else "N" if number.kind is int else "F",
                             help=q.prompt + ("" if number is None else f"; {number.describe()}")
                             + f" (default: {q.default})")
@@ -142,7 +136,8 @@ def ask(title: str, questions, args) -> dict:
         flag_value = getattr(args, q.name, None)
         if flag_value is not None:
             try:
-                answers[q.name] = q.validate(str(flag_value), answers)
+                text = shlex.join(flag_value) if isinstance(flag_value, list) else str(flag_value)
+                answers[q.name] = q.validate(text, answers)
             except ValueError as reason:
                 raise UserError(f"--{q.name}: {reason}", exit_code=2) from None
             continue

@@ -9,6 +9,7 @@ import torch
 
 from custom_llm.atomic import atomic_path
 from custom_llm.cli import UserError, cannot_read
+from custom_llm.corpus import changed_files, spec_text
 from custom_llm.model import CONFIG_KEYS, GPTLanguageModel
 from custom_llm.tokenizer import tokenizer_hash
 
@@ -107,5 +108,6 @@ def check_resume(checkpoint, config, tokenizer, dataset):
     if checkpoint["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise UserError("cannot resume: tokenizer.json differs from the one the checkpoint was trained with")
     if checkpoint["text_hash"] != dataset.text_hash:
-        raise UserError(f"cannot resume: the text {checkpoint['plan']['dataset_path']} changed since the "
-                        "checkpoint (its content hash differs); start a new run or use --init_from")
+        changed = "" if dataset.corpus.single else changed_files(checkpoint.get("manifest"), dataset.corpus.manifest())
+        raise UserError(f"cannot resume: the text {spec_text(checkpoint['plan']['dataset_path'])} changed since "
+                        f"the checkpoint ({changed or 'its content hash differs'}); start a new run or use --init_from")

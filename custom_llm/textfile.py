@@ -21,20 +21,30 @@ def check_text_file(path: str) -> None:
         raise UserError(f"{path} is empty: training needs some text")
 
 
+def codec(encoding: str):
+    try:
+        return codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"unknown --encoding {encoding!r}", 2) from None
+
+
+def looks_binary(first_block: bytes, codec_name: str) -> bool:
+    """NUL bytes near the start: a binary file (text has none, but in UTF-16 and UTF-32)."""
+    return not codec_name.startswith(("utf-16", "utf-32")) and b"\x00" in first_block[:8192]
+
+
 def read_chunks(path: str, encoding: str = "utf-8"):
     """Yield the text chunk by chunk. Chunks end after a newline where there is one, so a
     multi-character token such as <|endoftext|> is never cut in two."""
-    try:
-        utf8 = codecs.lookup(encoding).name == "utf-8"
-    except LookupError:
-        raise UserError(f"unknown --encoding {encoding!r}", 2) from None
+    codec_name = codec(encoding).name
+    utf8 = codec_name == "utf-8"
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     carry, offset = b"", 0  # offset: where the next decoded piece starts in the file
     try:
         with open(path, "rb") as f:
             while True:
                 raw = f.read(CHUNK_BYTES)
-                if offset == 0 and utf8 and b"\x00" in raw[:8192]:
+                if offset == 0 and looks_binary(raw, codec_name):
                     raise UserError(f"{path} looks like a binary file (it has NUL bytes), not text")
                 if not utf8:  # any other encoding: its incremental decoder finds the boundaries
                     text = _decode(decoder, raw, not raw, path, encoding, offset)
@@ -79,8 +89,9 @@ def _safe_cut(data: bytes) -> int:
     return 0
 
 
-# tokenizer.END_OF_TEXT (tokenizer.py imports this module): a cut must not split it either.
-END_OF_TEXT_BYTES = b"<|endoftext|>"
+# The special token that ends a text (tokenizer.py) and joins documents (corpus.py): a cut must not split it.
+END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT_BYTES = END_OF_TEXT.encode()
 
 
 def _cut_between_characters(data: bytes) -> int:

@@ -25,9 +25,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from custom_llm.atomic import atomic_path
 from custom_llm.cli import UserError, cannot_read
 from custom_llm.cache import load_checked, save_checked, token_cache_folder
-from custom_llm.textfile import check_text_file, file_hash, read_chunks
-
-END_OF_TEXT = "<|endoftext|>"
+from custom_llm.corpus import find_documents
+from custom_llm.textfile import END_OF_TEXT
 
 # Strings on which Python and llama.cpp must agree id for id; convert_to_gguf.py checks them.
 HARD_STRINGS = [
@@ -200,6 +199,10 @@ class ChunkEncoder:
 
     UNKNOWN = np.iinfo(np.uint16).max          # a character without an id (yet)
     END_OF_TEXT_ID = UNKNOWN - 1               # placeholder until the final id is known
+    # <|endoftext|> stands in the text as this one code point while it is looked up: a lone
+    # surrogate, which no text the tokenizers accept holds (Rust strings cannot).
+    END_OF_TEXT_MARK = "\udfff"
+    RUN_CHARACTERS = 1 << 20                   # small texts (documents) are joined up to this: one lookup
 
     def __init__(self, tokenizer=None):
         self.given = tokenizer
@@ -211,27 +214,31 @@ class ChunkEncoder:
             self.table = char_lookup_table(tokenizer, self.UNKNOWN, np.uint16)  # None for BPE
         else:
             self.table = None
+        if self.table is not None:
+            self.table[ord(self.END_OF_TEXT_MARK)] = \
+                self.END_OF_TEXT_ID if tokenizer is None else tokenizer.token_to_id(END_OF_TEXT)
         self.dtype = np.uint16 if tokenizer is None or tokenizer.get_vocab_size() < self.END_OF_TEXT_ID \
             else np.uint32
 
     def encode_many(self, texts) -> list:
+        """The ids of consecutive pieces of one text, as arrays to be written one after the other."""
         if self.table is None:  # BPE (or a huge vocabulary): the tokenizer, in parallel over chunks
             return [np.array(e.ids, dtype=self.dtype)
                     for e in self.given.encode_batch(texts, add_special_tokens=False)]
-        return [self.encode(text) for text in texts]
+        return [self.encode(run) for run in joined_runs(texts, self.RUN_CHARACTERS)]
 
     def encode(self, text: str) -> np.ndarray:
         if self.table is None:
             return np.array(encode(self.given, text), dtype=self.dtype)
+        if self.END_OF_TEXT_MARK in text:
+            raise UserError("the text holds U+DFFF, half of a UTF-16 pair, which no tokenizer encodes: "
+                            "read it with another --encoding")
+        marked = text
         if END_OF_TEXT in text:
-            parts = []
-            for i, piece in enumerate(text.split(END_OF_TEXT)):
-                if i:
-                    parts.append(np.array([self._end_of_text_id()], dtype=np.uint16))
-                parts.append(self.encode(piece))
-            return np.concatenate(parts)
-        codepoints = (np.frombuffer(text.encode("ascii"), dtype=np.uint8) if text.isascii()
-                      else np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+            self.saw_end_of_text = True
+            marked = text.replace(END_OF_TEXT, self.END_OF_TEXT_MARK)
+        codepoints = (np.frombuffer(marked.encode("ascii"), dtype=np.uint8) if marked.isascii()
+                      else np.frombuffer(marked.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
         ids = self.table[codepoints]
         if ids.size and ids.max() == self.UNKNOWN:
             if self.given is not None:  # characters this tokenizer only has as bytes
@@ -247,26 +254,36 @@ class ChunkEncoder:
             ids = self.table[codepoints]
         return ids
 
-    def _end_of_text_id(self):
-        self.saw_end_of_text = True
-        return self.given.token_to_id(END_OF_TEXT) if self.given is not None else self.END_OF_TEXT_ID
-
     def tokenizer(self):
         return self.given if self.given is not None else build_char_tokenizer(self.characters)
 
 
-def bpe_tokenizer_for(path: str, encoding: str, vocab_size: int):
-    """The BPE tokenizer trained on this text (cached, keyed by its content and the size)."""
-    check_text_file(path)
-    folder, _ = token_cache_folder(path)
-    cached = os.path.join(folder, f"{file_hash(path)}.{encoding}.bpe{vocab_size}.tokenizer.json")
+def joined_runs(texts, limit: int):
+    """The texts joined into runs of at most `limit` characters (a longer text is a run of its own)."""
+    run, length = [], 0
+    for text in texts:
+        if run and length + len(text) > limit:
+            yield "".join(run)
+            run, length = [], 0
+        run.append(text)
+        length += len(text)
+    if run:
+        yield "".join(run)
+
+
+def bpe_tokenizer_for(spec, encoding: str, vocab_size: int):
+    """The BPE tokenizer trained on the text or documents spec names (corpus.py), all of them;
+    cached, keyed by their content and the size."""
+    corpus = find_documents(spec, encoding)
+    folder, _ = token_cache_folder(corpus.folder)
+    cached = os.path.join(folder, f"{corpus.key}.{encoding}.bpe{vocab_size}.tokenizer.json")
     tokenizer = tokenizer_from_cache(cached)
     if tokenizer is not None:
         return tokenizer, True
     if vocab_size < 258:
         raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
                         "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
-    tokenizer = train_bpe_tokenizer(read_chunks(path, encoding), vocab_size)
+    tokenizer = train_bpe_tokenizer(corpus.texts(), vocab_size)
     save_checked(cached, tokenizer.to_str())
     return tokenizer, False
 

@@ -395,6 +395,7 @@ class TrainingRun:
             "step": self.step, "best_val": self.best_val, "best_step": self.best_step,
             "last_eval_step": self.last_eval_step, "config": self.model.config, "plan": self.plan,
             "tokenizer_hash": tokenizer_hash(self.dataset.tokenizer), "text_hash": self.dataset.text_hash,
+            "manifest": self.dataset.corpus.manifest(),
             "elapsed": self.elapsed(), "total_steps": self.steps.total_steps,
             "warmup_steps": self.steps.warmup_steps, "micro_batch_size": self.steps.micro_batch_size})
         self.last_checkpoint = time.time()
