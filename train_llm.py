@@ -45,7 +45,8 @@ LOG_PATHS = {False: ("training_log.jsonl", "loss_curve.png"), True: ("finetune_l
 def questions(fine_tuning: bool):
     recipe = FINE_TUNING if fine_tuning else FROM_SCRATCH
     return [
-        Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32)", "auto",
+        Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32; fewer for "
+                 "windows over 128 tokens)", "auto",
                  lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
         Question("learning_rate", "Learning rate" + (" (fine-tuning)" if fine_tuning else ""),
                  recipe["learning_rate"]),

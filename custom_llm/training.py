@@ -143,13 +143,16 @@ def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16
     return max(fitting, default=1)
 
 
-def auto_batch_size(precision) -> int:
+def auto_batch_size(precision, block_size: int) -> int:
     """Windows per step when the user leaves it to the machine. A short run learns most from many
     steps, so a step should cost little: with fast bfloat16 64 windows cost about what 32 do in
     float32, and each is the best of 16 to 128 measured in a 36-second run of the benchmark model
     (validation loss 1.72 at 64 against 1.84 at 128 with bfloat16 on an AMD EPYC with AVX512-BF16;
-    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2)."""
-    return 64 if precision.autocast else 32
+    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2). Those were windows
+    of 128 tokens: longer windows (GPT-2's 1024) take fewer, for the same tokens per step, or one
+    step of a pretrained model would take many minutes on a CPU."""
+    windows = 64 if precision.autocast else 32
+    return max(1, min(windows, windows * 128 // block_size))
 
 
 class TrainingRun:
@@ -166,7 +169,7 @@ class TrainingRun:
         self.optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], self.device_type,
                                         plan["optimizer"], self.precision.dtype)
         if plan["batch_size"] == "auto":
-            plan["batch_size"] = auto_batch_size(self.precision)
+            plan["batch_size"] = auto_batch_size(self.precision, self.block_size)
         self.generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
         # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget.
         micro = plan["batch_size"] if self.device_type == "cuda" else \
@@ -251,12 +254,14 @@ class TrainingRun:
             return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed), about "
                     f"{s.tokens_per_step / tokens_per_s:.1f}s per step; the steps that fit in "
                     f"{self.plan['minutes']:g} min are counted after the first ones")
-        # A validation batch is a forward pass only: about a third of a training pass.
-        n_evaluations = (s.total_steps - self.step) // self.plan["eval_interval"] + s.n_epochs
+        # Validations: every eval_interval steps and at each epoch's end; a validation batch is a
+        # forward pass only, about a third of a training pass.
+        steps_left = s.total_steps - self.step
+        n_evaluations = steps_left // self.plan["eval_interval"] + math.ceil(steps_left / s.steps_per_epoch)
         eval_tokens = n_evaluations * self.plan["eval_batches"] * s.batch_size * self.block_size
-        seconds = ((s.total_steps - self.step) * s.tokens_per_step + eval_tokens / 3) / tokens_per_s
+        seconds = (steps_left * s.tokens_per_step + eval_tokens / 3) / tokens_per_s
         return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed): the plan of "
-                f"{s.total_steps - self.step} steps takes about {clock(seconds)}")
+                f"{steps_left} steps takes about {clock(seconds)}")
 
     @property
     def done(self) -> bool:
