@@ -10,8 +10,8 @@ Reads model_config.pth (from llm_model.py), writes tokenizer.json, updates the c
 vocab_size, and saves trained_model.pth: the weights from the evaluation with the best validation
 loss. A resumable checkpoint is saved every few hundred steps, every few minutes and on Ctrl-C.
 --init_from a Hugging Face GPT-2 folder writes model_config.pth and tokenizer.json from it instead.
-Starting from trained weights (either kind) fine-tunes: AdamW at a small learning rate, and the
-log and loss curve go to finetune_log.jsonl and finetune_loss_curve.png, beside the first run's.
+Starting from trained weights (either kind) fine-tunes, at a smaller learning rate, and the log
+and loss curve go to finetune_log.jsonl and finetune_loss_curve.png, beside the first run's.
 """
 
 import math
@@ -32,7 +32,7 @@ from custom_llm.flags import NUMBERS
 from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
 from custom_llm.model import GPTLanguageModel, check_memory
 from custom_llm.resources import peak_rss_bytes
-from custom_llm.schedule import FINE_TUNING, FROM_SCRATCH
+from custom_llm.schedule import RECIPES
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
 from custom_llm.training import StopRequest, TrainingRun, pick_device, plot_losses
 
@@ -42,14 +42,14 @@ FINE_TUNING_DROPOUT = 0.1   # GPT-2's own; nanoGPT's advice for fine-tuning is 0
 LOG_PATHS = {False: ("training_log.jsonl", "loss_curve.png"), True: ("finetune_log.jsonl", "finetune_loss_curve.png")}
 
 
-def questions(fine_tuning: bool):
-    recipe = FINE_TUNING if fine_tuning else FROM_SCRATCH
+def questions(recipe: str):
+    fine_tuning = recipe != "from scratch"
     return [
         Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32; fewer for "
                  "windows over 128 tokens)", "auto",
                  lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
         Question("learning_rate", "Learning rate" + (" (fine-tuning)" if fine_tuning else ""),
-                 recipe["learning_rate"]),
+                 RECIPES[recipe]["learning_rate"]),
         Question("max_epochs", "Number of epochs", 5),
         Question("dataset_path", "Path to your text file", DEFAULT_TEXT, existing_file),
     ]
@@ -62,7 +62,7 @@ PLAN_FLAGS = ("minutes", "max_steps", "seed", "warmup_steps", "min_lr_ratio", "w
 
 def parse_args():
     parser = ArgumentParser(description="Train your GPT on a text file.")
-    add_question_flags(parser, questions(fine_tuning=False))
+    add_question_flags(parser, questions("from scratch"))
     parser.add_number("minutes", shown_default="off: train for --max_epochs")
     parser.add_number("max_steps")
     parser.add_number("seed", 1337)
@@ -80,8 +80,8 @@ def parse_args():
     parser.add_number("grad_accum_steps", 1)
     parser.add_number("memory_gb", 1.5)
     parser.add_argument("--optimizer", choices=["muon", "adamw"], default=None,
-                        help="muon: Muon for the blocks' matrices, AdamW for the rest (default from scratch); "
-                             "adamw: AdamW only (default when fine-tuning, --init_from)")
+                        help="muon: Muon for the blocks' matrices, AdamW for the rest (the default, but for "
+                             "fine-tuning a GPT-2 folder); adamw: AdamW only")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="autocast type; auto: bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
@@ -135,7 +135,7 @@ def train(args, processes):
     dataset = load_text(args, plan, config, tokenizer, processes, say)
     pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, processes.is_main, say)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
-                 if args.init_from else None)
+                 if from_gpt2_folder(args) else None)
     model = load_starting_model(args, config)
     training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, args.memory_gb,
                            checkpoint)
@@ -155,11 +155,21 @@ def train(args, processes):
     report(training, args, say)
 
 
+def recipe_of(args) -> str:
+    """Which of schedule.RECIPES the run's defaults come from."""
+    return "gpt2" if from_gpt2_folder(args) else "trained weights" if args.init_from else "from scratch"
+
+
+def from_gpt2_folder(args) -> bool:
+    """--init_from names a Hugging Face GPT-2 folder (else trained weights, or nothing)."""
+    return bool(args.init_from) and os.path.isdir(args.init_from)
+
+
 def load_config_and_tokenizer(args):
     """The model config, and the tokenizer the run keeps (None: one is made from the text). From a
     GPT-2 folder both are its own, over whatever else model_config.pth holds; from trained weights
     (and on --resume) they are the first run's."""
-    if args.init_from and os.path.isdir(args.init_from):
+    if from_gpt2_folder(args):
         config = load_config(args.config_path) if os.path.exists(args.config_path) else {}
         gpt2_config, tokenizer = read_gpt2_folder(args.init_from)
         config.update(gpt2_config, dropout=FINE_TUNING_DROPOUT, tokenizer="bpe")
@@ -173,7 +183,7 @@ def load_starting_model(args, config):
     """A new model, or the weights to fine-tune: a GPT-2 folder's, or trained_model.pth's."""
     if not args.init_from:
         return GPTLanguageModel(config)
-    if os.path.isdir(args.init_from):
+    if from_gpt2_folder(args):
         return load_gpt2_model(args.init_from, config).train()
     return load_trained_model(args.init_from, config).train()
 
@@ -193,11 +203,11 @@ def ask_plan(args, checkpoint) -> dict:
     else:
         # A timed run's length is its time: the number of epochs is not asked.
         plan = ask("Configure training parameters:",
-                   [q for q in questions(fine_tuning=bool(args.init_from))
+                   [q for q in questions(recipe_of(args))
                     if not (args.minutes and q.name == "max_epochs")], args)
         plan.setdefault("max_epochs", None)
         plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
-        plan["optimizer"] = args.optimizer or (FINE_TUNING if args.init_from else FROM_SCRATCH)["optimizer"]
+        plan["optimizer"] = args.optimizer or RECIPES[recipe_of(args)]["optimizer"]
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
         print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
@@ -236,7 +246,7 @@ def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, 
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
         return
-    from_weights = args.init_from and not os.path.isdir(args.init_from)
+    from_weights = args.init_from and not from_gpt2_folder(args)
     if from_weights:
         check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
     config["vocab_size"] = tokenizer.get_vocab_size()

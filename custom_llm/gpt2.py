@@ -52,12 +52,8 @@ def state_dict_from_hf(hf_state: dict) -> dict:
 
 # ------------------------------------------------------------------ a local GPT-2 folder
 
-DOWNLOAD_HINT = ("download it first while online, e.g. `huggingface-cli download {name} --local-dir {name}` "
-                 "(README: Start from GPT-2)")
-
-
-def is_hf_folder(path: str) -> bool:
-    return os.path.isdir(path)
+DOWNLOAD_HINT = ("download it first while online, e.g. `huggingface-cli download {name} --include '*.json' "
+                 "'*.txt' '*.safetensors' --local-dir {name}` (README: Start from GPT-2)")
 
 
 def check_starting_point(path: str) -> None:

@@ -95,7 +95,7 @@ def test_a_folder_with_only_vocab_and_merges(gpt2_folder, tmp_path):
 def test_a_hub_name_says_to_download_first(tmp_path):
     line = one_line_error(run_script("train_llm.py", "--init_from", "gpt2", "-y", cwd=tmp_path,
                                      env={"HF_HUB_OFFLINE": "1"}), 2)
-    assert "download it first" in line and "huggingface-cli download gpt2 --local-dir gpt2" in line
+    assert "download it first" in line and "huggingface-cli download gpt2 --include" in line and "--local-dir gpt2" in line
 
 
 @pytest.mark.parametrize("key,value", [("activation_function", "relu"), ("layer_norm_epsilon", 1e-6),
