@@ -220,8 +220,8 @@ class TrainingRun:
         split = (f", run {s.micro_batch_size} at a time to fit --memory_gb {self.memory_gb:g}"
                  if s.micro_batch_size < s.batch_size else "")
         if self.device_type == "cpu" and self.memory_estimate > self.memory_gb * 2**30:
-            split = (f", run one at a time: even that needs about {self.memory_estimate / 2**30:.1f} GB, more than "
-                     f"--memory_gb {self.memory_gb:g} (give --memory_gb N, with N GB free, to run more at once)")
+            split += (f" (even one at a time needs about {self.memory_estimate / 2**30:.1f} GB, more than "
+                      f"--memory_gb {self.memory_gb:g}: give --memory_gb N, with N GB free, to run more at once)")
         return (f"Training on {self.device_type} with {self.model.num_parameters() / 1e6:.2f}M parameters: {length}; "
                 f"effective batch {s.batch_size * s.micro_batches} windows ({s.tokens_per_step:,} tokens) = "
                 f"{s.batch_size} x {self.processes.world_size} process(es) x {s.accumulation} accumulation step(s)"

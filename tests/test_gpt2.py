@@ -134,7 +134,7 @@ def test_explicit_learning_rate_wins_and_minutes_work(gpt2_folder, text_file, tm
     assert result.returncode == 0, result.stderr
     assert "adamw, peak learning rate 0.002" in result.stdout
     assert "steps fit in 0.15 min" in result.stderr
-    assert "run one at a time: even that needs about" in result.stdout   # the memory advice
+    assert "run 1 at a time to fit --memory_gb 0.01 (even one at a time needs about" in result.stdout
 
 
 def test_a_config_already_there_keeps_its_other_keys(gpt2_folder, text_file, tmp_path):
