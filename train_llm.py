@@ -5,10 +5,14 @@
     python train_llm.py --dataset_path notes/ extra.txt 'posts/*.md' -y   # documents: folders, files, globs
     python train_llm.py --resume                          # continue an interrupted run
     python train_llm.py --init_from trained_model.pth --dataset_path more.txt   # train further
+    python train_llm.py --init_from gpt2 --dataset_path my.txt   # fine-tune a local GPT-2 folder
 
 Reads model_config.pth (from llm_model.py), writes tokenizer.json, updates the config's
 vocab_size, and saves trained_model.pth: the weights from the evaluation with the best validation
 loss. A resumable checkpoint is saved every few hundred steps, every few minutes and on Ctrl-C.
+--init_from a Hugging Face GPT-2 folder writes model_config.pth and tokenizer.json from it instead.
+Starting from trained weights (either kind) fine-tunes, at a smaller learning rate, and the log
+and loss curve go to finetune_log.jsonl and finetune_loss_curve.png, beside the first run's.
 """
 
 import json
@@ -28,30 +32,41 @@ from custom_llm.distributed import Processes
 from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
                               save_config)
 from custom_llm.flags import NUMBERS
+from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
 from custom_llm.model import GPTLanguageModel, check_memory
 from custom_llm.resources import peak_rss_bytes
+from custom_llm.schedule import RECIPES
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
 from custom_llm.training import StopRequest, TrainingRun, continue_log, pick_device, plot_losses
 
 DEFAULT_TEXT = "input.txt"
-QUESTIONS = [
-    Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32)", "auto",
-             lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
-    Question("learning_rate", "Learning rate", 0.015),
-    Question("max_epochs", "Number of epochs", 5),
-    Question("dataset_path", "Your text: a file, a folder, or several paths and globs separated by spaces",
-             DEFAULT_TEXT, parse_dataset_answer, several=True),
-]
+FINE_TUNING_DROPOUT = 0.1   # GPT-2's own; nanoGPT's advice for fine-tuning is 0.1 or more
+# Where a run's log and loss curve go: a fine-tuning run keeps the first run's.
+LOG_PATHS = {False: ("training_log.jsonl", "loss_curve.png"), True: ("finetune_log.jsonl", "finetune_loss_curve.png")}
+
+
+def questions(recipe: str):
+    fine_tuning = recipe != "from scratch"
+    return [
+        Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32; fewer for "
+                 "windows over 128 tokens)", "auto",
+                 lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
+        Question("learning_rate", "Learning rate" + (" (fine-tuning)" if fine_tuning else ""),
+                 RECIPES[recipe]["learning_rate"]),
+        Question("max_epochs", "Number of epochs", 5),
+        Question("dataset_path", "Your text: a file, a folder, or several paths and globs separated by spaces",
+                 DEFAULT_TEXT, parse_dataset_answer, several=True),
+    ]
 
 
 # Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
 PLAN_FLAGS = ("minutes", "max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer", "dtype")
+              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer", "dtype", "init_from")
 
 
 def parse_args():
     parser = ArgumentParser(description="Train your GPT on a text file or a folder of documents.")
-    add_question_flags(parser, QUESTIONS)
+    add_question_flags(parser, questions("from scratch"))
     parser.add_number("minutes", shown_default="off: train for --max_epochs")
     parser.add_number("max_steps")
     parser.add_number("seed", 1337)
@@ -68,8 +83,9 @@ def parse_args():
     parser.add_number("grad_clip", 1.0)
     parser.add_number("grad_accum_steps", 1)
     parser.add_number("memory_gb", 1.5)
-    parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
-                        help="muon (default): Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW only")
+    parser.add_argument("--optimizer", choices=["muon", "adamw"], default=None,
+                        help="muon: Muon for the blocks' matrices, AdamW for the rest (the default, but for "
+                             "fine-tuning a GPT-2 folder); adamw: AdamW only")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="autocast type; auto: bfloat16 where it is fast here (a CUDA GPU that supports it, or a "
                         "CPU where a 0.1 s probe measures bfloat16 products at least 1.3x float32), else float32")
@@ -80,9 +96,14 @@ def parse_args():
     parser.add_number("checkpoint_minutes", 5.0)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     parser.add_argument("--init_from", default=None,
-                        help="start from these trained weights (with tokenizer.json), on a new text")
-    parser.add_argument("--metrics_path", default="training_log.jsonl", help="one JSON line per evaluation")
-    parser.add_argument("--plot_path", default="loss_curve.png", help="loss curve written at the end")
+                        help="fine-tune: start from trained weights (trained_model.pth, with tokenizer.json) or "
+                             "a local Hugging Face GPT-2 folder (e.g. gpt2, distilgpt2), on a new text")
+    parser.add_argument("--metrics_path", default=None,
+                        help="one JSON line per evaluation (default: training_log.jsonl; finetune_log.jsonl "
+                             "with --init_from)")
+    parser.add_argument("--plot_path", default=None,
+                        help="loss curve written at the end (default: loss_curve.png; finetune_loss_curve.png "
+                             "with --init_from)")
     parser.add_argument("--manifest_path", default="dataset_manifest.json",
                         help="the files trained on: path, size, content hash, held out or skipped")
     args = parser.parse_args()
@@ -92,6 +113,8 @@ def parse_args():
     if args.resume and args.init_from:
         raise UserError("--resume and --init_from exclude each other: resume continues a run, "
                         "init_from starts a new one from trained weights", 2)
+    if args.init_from:
+        check_starting_point(args.init_from)
     return args
 
 
@@ -107,16 +130,24 @@ def main():
 def train(args, processes):
     """Ask, load, train, save, report. Only rank 0 asks, talks and writes."""
     say = print if processes.is_main else (lambda *a, **k: None)
-    config = load_config(args.config_path)
     checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
+    fine_tuning = bool(checkpoint["plan"].get("init_from") if checkpoint else args.init_from)
+    args.metrics_path = args.metrics_path or LOG_PATHS[fine_tuning][0]
+    args.plot_path = args.plot_path or LOG_PATHS[fine_tuning][1]
+    config, tokenizer = load_config_and_tokenizer(args)
     plan = processes.share(ask_plan(args, checkpoint) if processes.is_main else None)
     torch.manual_seed(plan["seed"] + processes.rank)
     torch.set_num_threads(processes.threads_per_process())
 
-    dataset = load_text(args, plan, config, processes, say)
+    dataset = load_text(args, plan, config, tokenizer, processes, say)
     pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, processes.is_main, say)
-    check_memory(config)
-    model = load_trained_model(args.init_from, config).train() if args.init_from else GPTLanguageModel(config)
+    if processes.is_main:  # the files this run trains on, resumed runs included
+        with atomic_path(args.manifest_path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(dataset.corpus.manifest(), f, indent=1)
+    check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
+                 if from_gpt2_folder(args) else None)
+    model = load_starting_model(args, config)
     training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, args.memory_gb,
                            checkpoint)
     if processes.is_main and checkpoint:
@@ -124,9 +155,50 @@ def train(args, processes):
     elif processes.is_main and os.path.exists(args.metrics_path):
         os.remove(args.metrics_path)  # a new run starts a new log
     say(training.summary())
+    if fine_tuning:
+        say(f"Fine-tuning {plan['init_from']}: {plan['optimizer']} at peak learning rate {plan['learning_rate']:g} "
+            f"with {training.steps.warmup_steps} warmup steps" +
+            ("" if args.learning_rate is not None or args.optimizer is not None else
+             " (small steps keep what the model learned; --learning_rate and --optimizer change them)") +
+            f"; log: {args.metrics_path}, curve: {args.plot_path} (the first run's "
+            f"{LOG_PATHS[False][0]} and {LOG_PATHS[False][1]} are kept)")
+    say(training.speed_estimate())
 
     train_loop(training, args)
     report(training, args, say)
+
+
+def recipe_of(args) -> str:
+    """Which of schedule.RECIPES the run's defaults come from."""
+    return "gpt2" if from_gpt2_folder(args) else "trained weights" if args.init_from else "from scratch"
+
+
+def from_gpt2_folder(args) -> bool:
+    """--init_from names a Hugging Face GPT-2 folder (else trained weights, or nothing)."""
+    return bool(args.init_from) and os.path.isdir(args.init_from)
+
+
+def load_config_and_tokenizer(args):
+    """The model config, and the tokenizer the run keeps (None: one is made from the text). From a
+    GPT-2 folder both are its own, over whatever else model_config.pth holds; from trained weights
+    (and on --resume) they are the first run's."""
+    if from_gpt2_folder(args):
+        config = load_config(args.config_path) if os.path.exists(args.config_path) else {}
+        gpt2_config, tokenizer = read_gpt2_folder(args.init_from)
+        config.update(gpt2_config, dropout=FINE_TUNING_DROPOUT, tokenizer="bpe")
+        config.pop("vocab_size_requested", None)   # the size asked of a BPE trained here: none is
+        return config, tokenizer
+    config = load_config(args.config_path)
+    return config, load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
+
+
+def load_starting_model(args, config):
+    """A new model, or the weights to fine-tune: a GPT-2 folder's, or trained_model.pth's."""
+    if not args.init_from:
+        return GPTLanguageModel(config)
+    if from_gpt2_folder(args):
+        return load_gpt2_model(args.init_from, config).train()
+    return load_trained_model(args.init_from, config).train()
 
 
 def ask_plan(args, checkpoint) -> dict:
@@ -144,9 +216,11 @@ def ask_plan(args, checkpoint) -> dict:
     else:
         # A timed run's length is its time: the number of epochs is not asked.
         plan = ask("Configure training parameters:",
-                   [q for q in QUESTIONS if not (args.minutes and q.name == "max_epochs")], args)
+                   [q for q in questions(recipe_of(args))
+                    if not (args.minutes and q.name == "max_epochs")], args)
         plan.setdefault("max_epochs", None)
         plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
+        plan["optimizer"] = args.optimizer or RECIPES[recipe_of(args)]["optimizer"]
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
         print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
@@ -154,11 +228,10 @@ def ask_plan(args, checkpoint) -> dict:
     return plan
 
 
-def load_text(args, plan, config, processes, say):
-    """The text's tokens and tokenizer: the run's own on --resume and --init_from, else a new one
-    (BPE trained on the text, or the characters found while encoding it). Rank 0 prepares them
-    first and fills the cache; the other processes then read them from it."""
-    tokenizer = load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
+def load_text(args, plan, config, tokenizer, processes, say):
+    """The text's tokens, with the given tokenizer (the run's own on --resume and --init_from), else
+    a new one (BPE trained on the text, or the characters found while encoding it). Rank 0 prepares
+    them first and fills the cache; the other processes then read them from it."""
     started = time.time()
     with processes.main_first():
         if tokenizer is None and config.get("tokenizer") == "bpe":
@@ -180,29 +253,29 @@ def load_text(args, plan, config, processes, say):
 
 
 def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, say):
-    """The tokenizer and the config must belong together: checked on --resume and --init_from;
-    a new run saves its tokenizer, and the config with its real vocab_size and the text's path.
-    Every run saves the manifest of the files it trains on."""
+    """The tokenizer and the config must belong together: checked on --resume and --init_from
+    (trained_model.pth); a new run, or one from a GPT-2 folder, saves its tokenizer. The config is
+    saved with its real vocab_size and the text's path and encoding (convert_to_gguf.py checks the
+    model on its held-out part)."""
     tokenizer = dataset.tokenizer
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
-    elif args.init_from:
+        return
+    from_weights = args.init_from and not from_gpt2_folder(args)
+    if from_weights:
         check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
-    else:
-        config["vocab_size"] = tokenizer.get_vocab_size()
-        # convert_to_gguf.py checks the export on the text's held-out part
-        config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
-        if is_main:
+    config["vocab_size"] = tokenizer.get_vocab_size()
+    config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
+    if is_main:
+        if not from_weights:
             save_tokenizer(tokenizer, args.tokenizer_path)
-            save_config(config, args.config_path)
+        save_config(config, args.config_path)
+    if not from_weights:
         say(f"Tokenizer: vocabulary of {config['vocab_size']} "
             + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
                else "(one token per character, plus byte fallback")
+            + (f" of {args.init_from}" if args.init_from else "")
             + f") saved to {args.tokenizer_path}")
-    if is_main:
-        with atomic_path(args.manifest_path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(dataset.corpus.manifest(), f, indent=1)
 
 
 def train_loop(training, args):

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py                     # the benchmark model (0.8M) at batch 128
     python benchmarks/bench_step.py --model default     # llm_model.py's default shape (4.9M)
+    python benchmarks/bench_step.py --model gpt2 --batch_size 1 --steps 2 --optimizer adamw   # fine-tuning GPT-2
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_step.py   # a plain AVX2 CPU
 
 One training step (forward, backward, clipping, optimizer) on random tokens, timed after a
@@ -28,6 +29,8 @@ from custom_llm.precision import choose_precision, cpu_summary  # noqa: E402
 MODELS = {
     "bench": {"vocab_size": 65, "n_embd": 128, "n_head": 4, "n_layer": 4, "block_size": 64, "dropout": 0.0},
     "default": {"vocab_size": 100, "n_embd": 256, "n_head": 8, "n_layer": 6, "block_size": 128, "dropout": 0.0},
+    # GPT-2 (124M, here 163M: its head is untied) as train_llm.py --init_from fine-tunes it.
+    "gpt2": {"vocab_size": 50257, "n_embd": 768, "n_head": 12, "n_layer": 12, "block_size": 1024, "dropout": 0.0},
 }
 
 
@@ -78,6 +81,8 @@ def main():
                                                                 "for the default model)")
     parser.add_argument("--precision", choices=["both", "float32", "bfloat16"], default="both",
                         help="time only these rows (bfloat16 is very slow where it is emulated)")
+    parser.add_argument("--optimizer", choices=["both", "adamw", "muon"], default="both",
+                        help="time only these rows (fine-tuning uses AdamW)")
     parser.add_argument("--torch_muon", action="store_true",
                         help="also time torch.optim.Muon (bfloat16 orthogonalization) under float32")
     args = parser.parse_args()
@@ -94,7 +99,8 @@ def main():
                ("float32, Muon (float32 orthogonalization)", "muon", False, torch.float32),
                ("bf16 autocast, AdamW", "adamw", True, torch.bfloat16),
                ("bf16 autocast, Muon (bfloat16 orthogonalization)", "muon", True, torch.bfloat16)]
-    options = [o for o in options if args.precision in ("both", "bfloat16" if o[2] else "float32")]
+    options = [o for o in options if args.precision in ("both", "bfloat16" if o[2] else "float32")
+               and args.optimizer in ("both", o[1])]
     seconds = {}
     for name, kind, bf16, ortho in options:
         seconds[name] = seconds_per_step(config, args.batch_size, kind, bf16, ortho, steps, warmup=2)

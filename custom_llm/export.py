@@ -16,25 +16,12 @@ import numpy as np
 
 from custom_llm.atomic import atomic_dir, atomic_path
 from custom_llm.cli import UserError
+from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
 from custom_llm.runtime import GGUFModel, llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
 from custom_llm.model import LAYER_NORM_EPS
 
 # ------------------------------------------------------------------------ Hugging Face
-
-# Modules that GPT-2 stores as Conv1D, i.e. with weights transposed relative to nn.Linear.
-CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-
-
-def hf_state_dict(model) -> dict:
-    state = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().float().cpu()
-        if CONV1D_WEIGHTS.fullmatch(name):
-            tensor = tensor.t()
-        state[name if name == "lm_head.weight" else f"transformer.{name}"] = tensor.contiguous()
-    return state
-
 
 def export_hf(model, tokenizer, output_dir: str) -> None:
     """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline."""
@@ -57,8 +44,7 @@ def write_hf_folder(model, tokenizer, folder: str) -> None:
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
     hf_model = GPT2LMHeadModel(hf_config)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
-    # The only buffers GPT-2 may carry beyond the weights are its attention masks.
-    missing = [k for k in missing if not k.endswith(("attn.bias", "attn.masked_bias"))]
+    missing = [k for k in missing if not HF_BUFFER.fullmatch(k)]
     if missing or unexpected:
         raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT,

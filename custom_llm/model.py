@@ -214,13 +214,15 @@ def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, ba
     return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations
 
 
-def check_memory(config: dict, windows: int = 1) -> None:
+def check_memory(config: dict, windows: int = 1, fix: str = None) -> None:
     """Refuse, before allocating anything, a model that cannot train in this machine's memory even
-    one window at a time (training splits a larger batch to fit; see train_llm.py --memory_gb)."""
+    one window at a time (training splits a larger batch to fit; see train_llm.py --memory_gb).
+    fix: what to do instead, where a smaller shape is not the answer (a pretrained model)."""
     import psutil
     needed = training_memory_bytes(config, windows)
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
         raise UserError(f"this model needs about {needed / 2**30:.1f} GiB to train "
                         f"({count_parameters(config) / 1e6:,.0f}M parameters) but only "
-                        f"{available / 2**30:.1f} GiB is free: choose fewer layers, a smaller n_embd or block_size", 2)
+                        f"{available / 2**30:.1f} GiB is free: "
+                        + (fix or "choose fewer layers, a smaller n_embd or block_size"), 2)

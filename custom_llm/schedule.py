@@ -15,9 +15,22 @@ def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: 
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def default_warmup(total_steps: int) -> int:
-    """5% of the steps, at most 200."""
-    return min(200, max(1, total_steps // 20))
+# The optimizer and peak learning rate of a run from scratch, and of fine-tuning (train_llm.py
+# --init_from): a model that already knows language needs smaller steps, or its first updates
+# overwrite what it learned. Fine-tuning keeps the optimizer the weights were pretrained with (Muon
+# on AdamW-pretrained weights fine-tunes no better: Liu et al. 2025, "Muon is Scalable for LLM
+# Training") at about a tenth of its from-scratch peak: for this project's models Muon at 0.0015
+# (measured, README); for GPT-2, pretrained with AdamW at 6e-4, AdamW at 1e-4, within the 5e-5 to
+# 3e-4 usual for fine-tuning it.
+RECIPES = {"from scratch": {"optimizer": "muon", "learning_rate": 0.015},
+           "trained weights": {"optimizer": "muon", "learning_rate": 0.0015},
+           "gpt2": {"optimizer": "adamw", "learning_rate": 1e-4}}
+
+
+def default_warmup(total_steps: int, fine_tuning: bool = False) -> int:
+    """5% of the steps, at most 200; when fine-tuning at most 100: the loss starts low, so the
+    warmup only has to let the fresh AdamW moments settle (beta2 0.99: about 100 steps)."""
+    return min(100 if fine_tuning else 200, max(1, total_steps // 20))
 
 
 class TimeBudget:

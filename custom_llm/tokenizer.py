@@ -112,6 +112,13 @@ def build_char_tokenizer(characters) -> Tokenizer:
     merges.append(unused)
     add(unused[0] + unused[1])
 
+    return build_bpe_tokenizer(vocab, merges)
+
+
+def build_bpe_tokenizer(vocab: dict, merges: list) -> Tokenizer:
+    """The project's tokenizer shape around a byte-level BPE's vocab (symbol -> id) and merges
+    (pairs, by rank): GPT-2's pre-tokenizer and decoder, <|endoftext|> its one special token
+    (at its id in vocab when it is there, else the next one)."""
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()

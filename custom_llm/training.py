@@ -20,7 +20,7 @@ from custom_llm.files import save_checkpoint, save_weights
 from custom_llm.model import training_memory_bytes
 from custom_llm.optimizer import make_optimizer
 from custom_llm.precision import choose_precision
-from custom_llm.progress import Progress
+from custom_llm.progress import Progress, clock
 from custom_llm.schedule import TimeBudget, default_warmup, learning_rate_at
 from custom_llm.tokenizer import tokenizer_hash
 
@@ -149,7 +149,8 @@ class StepPlan:
             total_steps = plan["max_epochs"] * steps_per_epoch
             if plan["max_steps"]:
                 total_steps = min(total_steps, plan["max_steps"])
-        warmup_steps = plan["warmup_steps"] if plan["warmup_steps"] is not None else default_warmup(total_steps)
+        warmup_steps = plan["warmup_steps"] if plan["warmup_steps"] is not None else \
+            default_warmup(total_steps, fine_tuning=bool(plan.get("init_from")))
         return cls(batch_size, accumulation, micro_batches, micro_batch_size, tokens_per_step, steps_per_epoch,
                    total_steps, warmup_steps)
 
@@ -166,13 +167,16 @@ def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16
     return max(fitting, default=1)
 
 
-def auto_batch_size(precision) -> int:
+def auto_batch_size(precision, block_size: int) -> int:
     """Windows per step when the user leaves it to the machine. A short run learns most from many
     steps, so a step should cost little: with fast bfloat16 64 windows cost about what 32 do in
     float32, and each is the best of 16 to 128 measured in a 36-second run of the benchmark model
     (validation loss 1.72 at 64 against 1.84 at 128 with bfloat16 on an AMD EPYC with AVX512-BF16;
-    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2)."""
-    return 64 if precision.autocast else 32
+    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2). Those were windows
+    of 128 tokens: longer windows (GPT-2's 1024) take fewer, for the same tokens per step, or one
+    step of a pretrained model would take many minutes on a CPU."""
+    windows = 64 if precision.autocast else 32
+    return max(1, min(windows, windows * 128 // block_size))
 
 
 class TrainingRun:
@@ -189,7 +193,7 @@ class TrainingRun:
         self.optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], self.device_type,
                                         plan["optimizer"], self.precision.dtype)
         if plan["batch_size"] == "auto":
-            plan["batch_size"] = auto_batch_size(self.precision)
+            plan["batch_size"] = auto_batch_size(self.precision, self.block_size)
         self.generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
         # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget. A resumed
         # run keeps its first split: the split sets the order in which gradients are summed, and
@@ -250,6 +254,9 @@ class TrainingRun:
                   if self.budget else f"{s.n_epochs} epoch(s) of {s.steps_per_epoch} steps, {s.total_steps} steps in all")
         split = (f", run {s.micro_batch_size} at a time to fit --memory_gb {self.memory_gb:g}"
                  if s.micro_batch_size < s.batch_size else "")
+        if self.device_type == "cpu" and self.memory_estimate > self.memory_gb * 2**30:
+            split += (f" (even one at a time needs about {self.memory_estimate / 2**30:.1f} GB, more than "
+                      f"--memory_gb {self.memory_gb:g}: give --memory_gb N, with N GB free, to run more at once)")
         return (f"Training on {self.device_type} with {self.model.num_parameters() / 1e6:.2f}M parameters: {length}; "
                 f"effective batch {s.batch_size * s.micro_batches} windows ({s.tokens_per_step:,} tokens) = "
                 f"{s.batch_size} x {self.processes.world_size} process(es) x {s.accumulation} accumulation step(s)"
@@ -257,6 +264,39 @@ class TrainingRun:
                 + (", compiled" if self.compiled else "")
                 + f"\nPrecision: {self.precision.describe()}"
                 + (f"; memory: about {self.memory_estimate / 2**30:.2f} GB" if self.device_type == "cpu" else ""))
+
+    def speed_estimate(self) -> str:
+        """Before the first step: one micro-batch's forward and backward is timed (the second of
+        two; the first warms up), so the user knows at once what the plan costs. A pretrained
+        model of 124M parameters trains slowly on a CPU. Torch's random state is left as it was."""
+        s = self.steps
+        offsets = random_offsets(np.random.default_rng(0), len(self.dataset.train), self.block_size,
+                                 s.micro_batch_size)
+        x, y = get_batch(self.dataset.train, offsets, self.block_size, self.processes.device)
+        cuda = self.device_type == "cuda"
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            for _ in range(2):
+                started = time.time()
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                loss.backward()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = time.time() - started
+        self.model.zero_grad(set_to_none=True)
+        tokens_per_s = s.micro_batch_size * self.block_size * self.processes.world_size / seconds
+        if self.budget:
+            return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed), about "
+                    f"{s.tokens_per_step / tokens_per_s:.1f}s per step; the steps that fit in "
+                    f"{self.plan['minutes']:g} min are counted after the first ones")
+        # Validations: every eval_interval steps and at each epoch's end; a validation batch is a
+        # forward pass only, about a third of a training pass.
+        steps_left = s.total_steps - self.step
+        n_evaluations = steps_left // self.plan["eval_interval"] + math.ceil(steps_left / s.steps_per_epoch)
+        eval_tokens = n_evaluations * self.plan["eval_batches"] * s.batch_size * self.block_size
+        seconds = (steps_left * s.tokens_per_step + eval_tokens / 3) / tokens_per_s
+        return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed): the plan of "
+                f"{steps_left} steps takes about {clock(seconds)}")
 
     @property
     def done(self) -> bool:
@@ -328,7 +368,8 @@ class TrainingRun:
         self.steps.total_steps = max(self.step, self.budget.total_steps(
             self.step, self.plan["eval_interval"], self.plan["eval_batches"]))
         if first and self.plan["warmup_steps"] is None:
-            self.steps.warmup_steps = default_warmup(self.steps.total_steps)
+            self.steps.warmup_steps = default_warmup(self.steps.total_steps,
+                                                     fine_tuning=bool(self.plan.get("init_from")))
         if first and self.processes.is_main:
             self.progress.write(f"About {self.steps.total_steps} steps fit in {self.plan['minutes']:g} min "
                                 f"({self.budget.mean_step_seconds():.2f}s per step); the schedule is laid over them")

@@ -1,5 +1,6 @@
 """Shared fixtures: the scripts are run through their real command lines, in temporary folders."""
 
+import json
 import os
 import pty
 import random
@@ -10,9 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from custom_llm.files import load_config, load_trained_model  # noqa: E402  (after the path is set)
+from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer  # noqa: E402
 
 # A tiny model shape that trains in seconds on 2 cores.
 TINY = ["--n_embd", "64", "--n_head", "4", "--n_layer", "2", "--block_size", "32", "--dropout", "0"]
@@ -52,6 +57,38 @@ def make_text(n_sentences=1500, seed=0):
         if i % 7 == 6:
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------- greedy text, both ways
+
+def pytorch_greedy_tokens(folder, prompt, n):
+    model = load_trained_model(str(folder / "trained_model.pth"), load_config(str(folder / "model_config.pth")))
+    tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
+    prompt_ids = encode(tokenizer, prompt)
+    out = model.generate(torch.tensor([prompt_ids]), n, temperature=0)[0].tolist()
+    return tokenizer, out[len(prompt_ids):]
+
+
+def gguf_greedy(folder, prompt, n, gguf="model.gguf"):
+    """inference_gguf.py --json at temperature 0: (generated ids, text, why it stopped)."""
+    result = run_script("inference_gguf.py", "--gguf_path", gguf, "--query", prompt, "--temperature", "0",
+                        "--max_tokens", n, "--json", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    return answer["tokens"], answer["text"], answer["stop_reason"]
+
+
+def assert_same_greedy_text(folder, prompt, n, gguf="model.gguf"):
+    """The GGUF's greedy continuation is PyTorch generate()'s, up to <|endoftext|> where the GGUF stops."""
+    tokenizer, expected = pytorch_greedy_tokens(folder, prompt, n)
+    got, text, stop_reason = gguf_greedy(folder, prompt, n, gguf)
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    if eot in expected:
+        expected = expected[:expected.index(eot) + 1]
+        assert stop_reason == "end_of_text"
+    assert got == expected
+    assert text == tokenizer.decode([t for t in expected if t != eot], skip_special_tokens=False)
+    return expected
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,16 @@
 separators, one enormous line with no space or newline, the BPE tokenizer, more distinct characters
 than 16 bits can number; and the prompt loop where readline does not exist."""
 
-import json
 import os
 import random
 import subprocess
 import sys
 
 import numpy as np
-import pytest
-import torch
-from conftest import REPO, TINY, Terminal, make_text, one_line_error, run_script
+from conftest import REPO, TINY, Terminal, assert_same_greedy_text, make_text, one_line_error, run_script
 
 import custom_llm.data as data
 import custom_llm.textfile as textfile
-from custom_llm.files import load_config, load_trained_model
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, encode, load_tokenizer
 
@@ -30,36 +26,6 @@ def pipeline(folder, text_path, *model_flags, train=TRAIN):
         result = run_script(script, *args, cwd=folder)
         assert result.returncode == 0, f"{script}: {result.stdout}\n{result.stderr}"
     return result
-
-
-def pytorch_greedy_tokens(folder, prompt, n):
-    model = load_trained_model(str(folder / "trained_model.pth"), load_config(str(folder / "model_config.pth")))
-    tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
-    prompt_ids = encode(tokenizer, prompt)
-    out = model.generate(torch.tensor([prompt_ids]), n, temperature=0)[0].tolist()
-    return tokenizer, out[len(prompt_ids):]
-
-
-def gguf_greedy(folder, prompt, n):
-    """inference_gguf.py --json at temperature 0: (generated ids, text, why it stopped)."""
-    result = run_script("inference_gguf.py", "--gguf_path", "model.gguf", "--query", prompt, "--temperature", "0",
-                        "--max_tokens", n, "--json", cwd=folder)
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
-    return answer["tokens"], answer["text"], answer["stop_reason"]
-
-
-def assert_same_greedy_text(folder, prompt, n):
-    """The GGUF's greedy continuation is PyTorch generate()'s, up to <|endoftext|> where the GGUF stops."""
-    tokenizer, expected = pytorch_greedy_tokens(folder, prompt, n)
-    got, text, stop_reason = gguf_greedy(folder, prompt, n)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    if eot in expected:
-        expected = expected[:expected.index(eot) + 1]
-        assert stop_reason == "end_of_text"
-    assert got == expected
-    assert text == tokenizer.decode([t for t in expected if t != eot], skip_special_tokens=False)
-    return expected
 
 
 # ---------------------------------------------------------------- <|endoftext|>

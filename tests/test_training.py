@@ -319,16 +319,26 @@ def test_init_from_continues_on_new_text_with_the_same_tokenizer(configured, tmp
     assert run_script("train_llm.py", "--dataset_path", text_file, *QUICK, "--max_steps", 30,
                       cwd=folder).returncode == 0
     tokenizer_before = (folder / "tokenizer.json").read_text()
+    first_log, first_curve = (folder / "training_log.jsonl").read_bytes(), (folder / "loss_curve.png").read_bytes()
     more = tmp_path / "more.txt"
     more.write_text("Новый текст с символами, которых модель не видела. ✨\n" * 40, encoding="utf-8")
     (folder / "trained_model.pth").rename(folder / "first.pth")
-    result = run_script("train_llm.py", "--init_from", "first.pth", "--dataset_path", more, *QUICK,
+    result = run_script("train_llm.py", "--init_from", "first.pth", "--dataset_path", more, "--batch_size", 16, "-y",
                         "--max_steps", 10, cwd=folder)
     assert result.returncode == 0, result.stderr
     assert (folder / "tokenizer.json").read_text() == tokenizer_before  # the model's own tokenizer
-    log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    # Fine-tuning defaults, not the from-scratch peak of 0.015; the first run's log and curve are kept.
+    assert "muon, peak learning rate 0.0015" in result.stdout
+    assert "log: finetune_log.jsonl, curve: finetune_loss_curve.png" in result.stdout
+    assert (folder / "training_log.jsonl").read_bytes() == first_log
+    assert (folder / "loss_curve.png").read_bytes() == first_curve
+    log = [json.loads(line) for line in (folder / "finetune_log.jsonl").read_text().splitlines()]
     assert log[0]["step"] <= 10 and log[-1]["step"] == 10  # a fresh schedule and log
+    assert max(row["lr"] for row in log) <= 0.0015
+    assert (folder / "finetune_loss_curve.png").exists()
     torch.load(folder / "trained_model.pth", weights_only=True)
+    # convert_to_gguf.py checks the model on the held-out part of the text it was fine-tuned on.
+    assert torch.load(folder / "model_config.pth", weights_only=True)["dataset_path"] == str(more)
 
 
 # ------------------------------------------------------------------------ safe loading
