@@ -2,7 +2,7 @@
 resumed must end with the weights of a run that was never stopped.
 
     python benchmarks/check_resume.py                          # default shape and flags, 10 runs
-    python benchmarks/check_resume.py --dtype float32 --runs 10
+    python benchmarks/check_resume.py --dtype float32 --shape "--n_embd 128 --n_head 4 --n_layer 4 --block_size 64"
     python benchmarks/check_resume.py --torchrun               # 2 processes against --grad_accum_steps 2
 
 Each run trains the same plan (default model shape and training flags, --max_steps on the text,
@@ -63,7 +63,7 @@ def interrupted(folder, plan, step):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(folder, "training_log.jsonl")
     while process.poll() is None:
-        if os.path.exists(log) and len(open(log).readlines()) >= step:
+        if os.path.exists(log) and log_lines(log) >= step:
             process.send_signal(signal.SIGINT)
             break
         time.sleep(0.01)
@@ -71,6 +71,11 @@ def interrupted(folder, plan, step):
     if process.returncode != 130:
         return None
     return torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=True)["step"]
+
+
+def log_lines(path):
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def weights(folder):
@@ -112,7 +117,7 @@ def compare_processes(root, shape, plan):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--shape", default="", help="llm_model.py flags; default: its default shape")
