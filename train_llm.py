@@ -123,6 +123,9 @@ def main():
     processes = Processes(pick_device(args.device))
     try:
         train(args, processes)
+        # Ranks leave together: one that tears down while rank 0 still saves and plots could abort
+        # in gloo ("terminate called without an active exception", one run in three here).
+        processes.barrier()
     finally:
         processes.close()
 
