@@ -21,8 +21,8 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from custom_llm.cli import UserError
-from custom_llm.textfile import END_OF_TEXT, check_text_file, codec, file_hash, looks_binary, read_blocks, read_chunks
+from custom_llm.cli import UserError, cannot_read
+from custom_llm.textfile import CHUNK_BYTES, END_OF_TEXT, check_text_file, codec, file_hash, looks_binary, read_chunks
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 MIN_HELD_OUT_DOCUMENTS = 10          # fewer documents: the last 10% of the tokens, as for one file
@@ -66,8 +66,7 @@ class Corpus:
         the hash of the manifest (absolute paths, so the key is the same from any folder)."""
         if self.single:
             return self.files[0].hash
-        cwd = os.getcwd()
-        entries = [[_absolute(d.path, cwd), d.size, d.hash] for d in self.files]
+        entries = [[os.path.abspath(d.path), d.size, d.hash] for d in self.files]
         record = json.dumps({"encoding": self.encoding, "files": entries}).encode()
         return hashlib.blake2b(record, digest_size=16).hexdigest()
 
@@ -190,10 +189,10 @@ def find_documents(spec, encoding: str = "utf-8") -> Corpus:
         check_text_file(path)
         document = Document(path, os.path.getsize(path), file_hash(path))
         return Corpus(spec, encoding, True, [document], os.path.dirname(os.path.abspath(path)))
-    found, seen, cwd = [], set(), os.getcwd()
+    found, seen = [], set()
     for path in paths:
         for name in _expand(path):
-            absolute = _absolute(name, cwd)
+            absolute = os.path.abspath(name)   # not realpath: a system call per file, and slow
             if absolute not in seen:
                 seen.add(absolute)
                 found.append(name)
@@ -210,12 +209,6 @@ def find_documents(spec, encoding: str = "utf-8") -> Corpus:
     first = paths[0] if not _is_glob(paths[0]) else found[0]
     folder = os.path.abspath(first if os.path.isdir(first) else os.path.dirname(first) or ".")
     return Corpus(spec, encoding, False, files, folder)
-
-
-def _absolute(path: str, cwd: str) -> str:
-    """os.path.abspath with the working folder looked up once, not once per file (a system
-    call); not realpath, which makes several per file."""
-    return os.path.normpath(os.path.join(cwd, path))
 
 
 def _is_glob(path: str) -> bool:
@@ -263,20 +256,23 @@ def _inspect(path: str, encoding: str, codec_name: str) -> Document:
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     size, skipped = 0, None
     try:
-        for block in read_blocks(path):
-            if size == 0 and looks_binary(block, codec_name):
-                skipped = "a binary file (it has NUL bytes)"
-            digest.update(block)
-            if not skipped:
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as err:
-                    skipped = f"not valid {encoding} (bad byte at byte offset {size + err.start})"
-            size += len(block)
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                if size == 0 and looks_binary(block, codec_name):
+                    skipped = "a binary file (it has NUL bytes)"
+                digest.update(block)
+                if not skipped:
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError as err:
+                        skipped = f"not valid {encoding} (bad byte at byte offset {size + err.start})"
+                size += len(block)
         if not skipped:
             decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         skipped = f"not valid {encoding} (it ends inside a character)"
+    except OSError as err:
+        raise cannot_read(path, err) from None
     return Document(path, size, digest.hexdigest(), skipped or (None if size else "empty"))
 
 

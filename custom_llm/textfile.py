@@ -3,7 +3,6 @@
 
 import codecs
 import hashlib
-import itertools
 import os
 
 from custom_llm.cli import UserError, cannot_read
@@ -34,29 +33,6 @@ def looks_binary(first_block: bytes, codec_name: str) -> bool:
     return not codec_name.startswith(("utf-16", "utf-32")) and b"\x00" in first_block[:8192]
 
 
-def read_blocks(path: str):
-    """The file's bytes, CHUNK_BYTES at a time. A file smaller than that comes in one read of its
-    size: a buffered read of CHUNK_BYTES allocates that much for a 10 KB file, and then another
-    read finds the end, a cost paid per file in a folder of thousands."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            size = os.fstat(fd).st_size
-            if size < CHUNK_BYTES:
-                data = os.read(fd, size + 1)   # a byte more: a file that grew meanwhile reads on
-                if data:
-                    yield data
-                if len(data) == size:
-                    return
-            with open(fd, "rb", closefd=False) as f:
-                while block := f.read(CHUNK_BYTES):
-                    yield block
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise cannot_read(path, err) from None
-
-
 def read_chunks(path: str, encoding: str = "utf-8"):
     """Yield the text chunk by chunk. Chunks end after a newline where there is one, so a
     multi-character token such as <|endoftext|> is never cut in two."""
@@ -64,32 +40,37 @@ def read_chunks(path: str, encoding: str = "utf-8"):
     utf8 = codec_name == "utf-8"
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     carry, offset = b"", 0  # offset: where the next decoded piece starts in the file
-    for raw in itertools.chain(read_blocks(path), [b""]):   # b"": the end
-        if offset == 0 and looks_binary(raw, codec_name):
-            raise UserError(f"{path} looks like a binary file (it has NUL bytes), not text")
-        if not utf8:  # any other encoding: its incremental decoder finds the boundaries
-            text = _decode(decoder, raw, not raw, path, encoding, offset)
-            offset += len(raw)
-            if text:
-                yield text
-            if not raw:
-                return
-            continue
-        # UTF-8: a newline byte is never part of a longer character, so cut after a
-        # newline and decode whole pieces; the rest waits for the next read.
-        data = carry + raw
-        cut = _safe_cut(data) if raw else len(data)
-        if cut == 0 and len(data) < 16 * CHUNK_BYTES:
-            carry = data  # no safe cut yet: read on
-            continue
-        if cut == 0:  # one enormous line without spaces
-            cut = _cut_between_characters(data)
-        if cut:
-            yield _decode(decoder, data[:cut], True, path, encoding, offset)
-        offset += cut
-        carry = data[cut:]
-        if not raw:
-            return
+    try:
+        with open(path, "rb") as f:
+            while True:
+                raw = f.read(CHUNK_BYTES)
+                if offset == 0 and looks_binary(raw, codec_name):
+                    raise UserError(f"{path} looks like a binary file (it has NUL bytes), not text")
+                if not utf8:  # any other encoding: its incremental decoder finds the boundaries
+                    text = _decode(decoder, raw, not raw, path, encoding, offset)
+                    offset += len(raw)
+                    if text:
+                        yield text
+                    if not raw:
+                        return
+                    continue
+                # UTF-8: a newline byte is never part of a longer character, so cut after a
+                # newline and decode whole pieces; the rest waits for the next read.
+                data = carry + raw
+                cut = _safe_cut(data) if raw else len(data)
+                if cut == 0 and len(data) < 16 * CHUNK_BYTES:
+                    carry = data  # no safe cut yet: read on
+                    continue
+                if cut == 0:  # one enormous line without spaces
+                    cut = _cut_between_characters(data)
+                if cut:
+                    yield _decode(decoder, data[:cut], True, path, encoding, offset)
+                offset += cut
+                carry = data[cut:]
+                if not raw:
+                    return
+    except OSError as err:
+        raise cannot_read(path, err) from None
 
 
 SPACE_BYTES = b" \t\n\r\x0b\x0c"
@@ -135,6 +116,10 @@ def _decode(decoder, data, final, path, encoding, offset):
 
 def file_hash(path: str) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for block in read_blocks(path):
-        digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+    except OSError as err:
+        raise cannot_read(path, err) from None
     return digest.hexdigest()

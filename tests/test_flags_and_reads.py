@@ -61,16 +61,13 @@ def unreadable(path, monkeypatch):
     if os.geteuid() != 0:
         os.chmod(path, 0)
         return
-    target, real_open, real_os_open = os.path.abspath(path), builtins.open, os.open
+    target, real_open = os.path.abspath(path), builtins.open
 
-    def refusing(real):
-        def refusing_open(file, *args, **kwargs):
-            if isinstance(file, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(file)) == target:
-                raise PermissionError(13, "Permission denied", os.fsdecode(file))
-            return real(file, *args, **kwargs)
-        return refusing_open
-    monkeypatch.setattr(builtins, "open", refusing(real_open))
-    monkeypatch.setattr(os, "open", refusing(real_os_open))
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(file)) == target:
+            raise PermissionError(13, "Permission denied", os.fsdecode(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", refusing_open)
 
 
 @pytest.mark.parametrize("name,load", [

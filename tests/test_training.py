@@ -2,7 +2,6 @@
 kills, safe loading, and the errors users get."""
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -153,26 +152,6 @@ def test_token_cache_is_used_and_invalidated(tmp_path):
     path.write_text(make_text(200, seed=1), encoding="utf-8")  # the text changed: prepared again
     fourth = data.prepare_dataset(str(path))
     assert not fourth.from_cache and fourth.tokens.tolist() == encode(fourth.tokenizer, path.read_text())
-
-
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100])
-def test_files_are_read_whole_in_blocks(tmp_path, monkeypatch, size):
-    """A file under CHUNK_BYTES in one read of its size, a larger one in CHUNK_BYTES blocks; a
-    file found longer or shorter than its size said (it changed meanwhile) is read to its end."""
-    monkeypatch.setattr(textfile, "CHUNK_BYTES", 16)
-    path = tmp_path / "t.txt"
-    content = bytes(range(33, 33 + 90)) * 2
-    path.write_bytes(content[:size])
-    blocks = list(textfile.read_blocks(str(path)))
-    assert b"".join(blocks) == content[:size]
-    assert [len(b) for b in blocks] == ([size] if 0 < size < 16 else [16] * (size // 16) + [size % 16] * (size % 16 > 0))
-    real_fstat = os.fstat
-    for error in (-5, 3):
-        monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result(
-            (0, 0, 0, 0, 0, 0, max(0, real_fstat(fd).st_size + error), 0, 0, 0)))
-        assert b"".join(textfile.read_blocks(str(path))) == content[:size]
-    monkeypatch.setattr(os, "fstat", real_fstat)
-    assert textfile.file_hash(str(path)) == hashlib.blake2b(content[:size], digest_size=16).hexdigest()
 
 
 def test_bad_bytes_are_reported_with_their_offset(tmp_path, monkeypatch):
