@@ -18,12 +18,14 @@ import time
 
 from custom_llm.atomic import remove_stale_temporaries, staging
 from custom_llm.checks import check_export, held_out_tokens, held_out_windows
-from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
+from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
+from custom_llm.errors import UserError
 from custom_llm.evaluation import evaluation_windows, pytorch_logits, report_table, score
-from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fallback_tensors, quantize_file, tensor_types,
-                               write_gguf_file)
+from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fallback_tensors, quantize, tensor_types,
+                               write_gguf)
 from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
+from custom_llm.resources import human_bytes
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
 
@@ -101,10 +103,10 @@ def main():
             written.append((export_format, path, tmp, export_format.tolerance))
             print(f"Wrote {shown(path, export_format.folder)} ({export_format.description})")
         with stage.path(source, scratch=True) as f32:
-            write_gguf_file(model, tokenizer, f32, "F32")
+            write_gguf(model, tokenizer, f32, "F32")
         for quant_type, path in quantized.items():
             with stage.path(path) as tmp:
-                quantize_file(f32, tmp, quant_type, args.llama_cpp_path)
+                quantize(f32, tmp, quant_type, args.llama_cpp_path)
             report_written(path, tmp, quant_type, config)
             written.append((GGUF, path, tmp, None))   # quantized: no tolerance, a report
         os.remove(f32)

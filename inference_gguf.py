@@ -13,10 +13,11 @@ import json
 import os
 import sys
 
-from custom_llm.cli import ArgumentParser, UserError, human_bytes, run
+from custom_llm.cli import ArgumentParser, run
+from custom_llm.errors import UserError
 from custom_llm.generation import (Sampler, Settings, add_setting_flags, apply_command, command_help,
                                    describe, settings_from_flags, stream)
-from custom_llm.resources import ResourceUse
+from custom_llm.resources import ResourceUse, human_bytes
 from custom_llm.runtime import GGUFModel, gpu_offload_supported
 
 

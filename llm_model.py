@@ -8,7 +8,8 @@ The model itself is custom_llm/model.py; `from llm_model import GPTLanguageModel
 
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.files import save_config
-from custom_llm.model import GPTLanguageModel, check_memory, count_parameters
+from custom_llm.memory import check_memory
+from custom_llm.model import GPTLanguageModel, count_parameters
 
 __all__ = ["GPTLanguageModel"]
 

@@ -24,16 +24,18 @@ import time
 import torch
 
 from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
-from custom_llm.cli import ArgumentParser, Question, UserError, add_question_flags, ask, run
+from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.corpus import absolute_spec, parse_dataset_answer, spec_text
 from custom_llm.data import check_split, prepare_dataset
 from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
+from custom_llm.errors import UserError
 from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
                               save_config)
 from custom_llm.flags import NUMBERS
 from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
-from custom_llm.model import GPTLanguageModel, check_memory
+from custom_llm.memory import check_memory
+from custom_llm.model import GPTLanguageModel
 from custom_llm.resources import peak_rss_bytes
 from custom_llm.schedule import RECIPES
 from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer

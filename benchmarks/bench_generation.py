@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from custom_llm.context import slide  # noqa: E402
-from custom_llm.export import quantize, write_gguf  # noqa: E402
+from custom_llm.export import quantize_atomic, write_gguf_atomic  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.generation import Sampler, Settings, stream  # noqa: E402
 from custom_llm.runtime import GGUFModel  # noqa: E402
@@ -62,11 +62,11 @@ def prepare(args) -> str:
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
     source = os.path.join(folder, "bench.F32.gguf")
     if not os.path.exists(source):
-        write_gguf(model, tokenizer, source, "F32")
+        write_gguf_atomic(model, tokenizer, source, "F32")
     for kind in TYPES[1:]:
         path = os.path.join(folder, f"bench.{kind}.gguf")
         if not os.path.exists(path):
-            quantize(source, path, kind)
+            quantize_atomic(source, path, kind)
     return folder
 
 

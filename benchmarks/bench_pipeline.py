@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)
 
 from custom_llm.checks import check_export, held_out_windows  # noqa: E402
 from custom_llm.data import prepare_dataset  # noqa: E402
-from custom_llm.export import GGUF, quantize, write_gguf  # noqa: E402
+from custom_llm.export import GGUF, quantize_atomic, write_gguf_atomic  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.tokenizer import HARD_STRINGS, load_tokenizer  # noqa: E402
 
@@ -62,11 +62,11 @@ def main():
         held_out = prepare_dataset(args.text, tokenizer=tokenizer).val.tolist()
         windows = held_out_windows(held_out, config["block_size"], count=16)
         f32 = os.path.join(folder, "model.f32.gguf")
-        write_gguf(model, tokenizer, f32, "F32")
+        write_gguf_atomic(model, tokenizer, f32, "F32")
         print(f"\n{'type':8}{'size':>10}{'tokenization':>14}{'next token':>12}{'max rel. logit error':>22}")
         for quant_type in ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"):
             path = os.path.join(folder, f"model.{quant_type}.gguf")
-            quantize(f32, path, quant_type)
+            quantize_atomic(f32, path, quant_type)
             r = check_export(GGUF, path, model, tokenizer, windows)  # the same check convert_to_gguf.py runs
             agreement = f"{r['tokens_agree']}/{len(HARD_STRINGS)}"
             print(f"{quant_type:8}{r['size'] / 1024:9.0f}K{agreement:>14}"

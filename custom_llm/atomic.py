@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 
 try:
     import resource

@@ -19,7 +19,7 @@ import re
 import tempfile
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 
 CACHE_CAP_BYTES = 4 * 2 ** 30
 READ_BYTES = 1 << 20

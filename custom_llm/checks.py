@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 from custom_llm.corpus import spec_exists
 from custom_llm.data import prepare_dataset
 from custom_llm.evaluation import pytorch_logits

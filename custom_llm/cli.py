@@ -2,31 +2,13 @@
 flags checked against their range (flags.py), and one-line errors instead of tracebacks."""
 
 import argparse
-import os
 import shlex
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from custom_llm.errors import UserError
 from custom_llm.flags import NUMBERS
-
-
-class UserError(Exception):
-    """A problem the user can fix. Printed as one line; exit status 2 for usage errors."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def cannot_read(path: str, err: OSError) -> UserError:
-    """The one-line error for a file that is there but cannot be read: what the system said,
-    never a guess (a permission problem is not a damaged file)."""
-    if isinstance(err, IsADirectoryError):
-        return UserError(f"{path} is a folder, not a file", 2)
-    if isinstance(err, PermissionError):
-        return UserError(f"{path} cannot be read (permission denied): check its permissions")
-    return UserError(f"{path} cannot be read ({err.strerror or err})")
 
 
 def run(main: Callable[[], None]) -> None:
@@ -177,10 +159,3 @@ def ask(title: str, questions, args) -> dict:
                 print(f"  {reason}; please try again.")
     return answers
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"

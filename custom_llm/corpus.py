@@ -21,7 +21,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 from custom_llm.textfile import CHUNK_BYTES, END_OF_TEXT, check_text_file, codec, file_hash, looks_binary, read_chunks
 
 DOCUMENT_SUFFIXES = (".txt", ".md")

@@ -19,7 +19,7 @@ import torch
 
 from custom_llm.atomic import atomic_path, remove_stale_temporaries
 from custom_llm.cache import digest, load_checked, save_checked, token_cache_folder, touch, trim
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 from custom_llm.corpus import Corpus, find_documents, spec_text
 from custom_llm.textfile import CHUNK_BYTES
 from custom_llm.tokenizer import END_OF_TEXT, ChunkEncoder, tokenizer_from_cache, tokenizer_hash

@@ -59,7 +59,7 @@ def pytorch_logits(model):
 def report_table(rows) -> str:
     """A Markdown table. rows: dicts with name, size, bpw, perplexity, ratio, agreement
     (None where it does not apply, e.g. file size of the PyTorch model)."""
-    from custom_llm.cli import human_bytes
+    from custom_llm.resources import human_bytes
 
     def cell(value, fmt):
         return "" if value is None else fmt(value)

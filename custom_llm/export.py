@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from custom_llm.atomic import atomic_dir, atomic_path
-from custom_llm.cli import UserError
+from custom_llm.atomic import atomic_path
+from custom_llm.errors import UserError
 from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
 from custom_llm.runtime import GGUFModel, llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
@@ -23,14 +23,9 @@ from custom_llm.model import LAYER_NORM_EPS
 
 # ------------------------------------------------------------------------ Hugging Face
 
-def export_hf(model, tokenizer, output_dir: str) -> None:
-    """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline."""
-    with atomic_dir(output_dir) as tmp:
-        write_hf_folder(model, tokenizer, tmp)
-
-
 def write_hf_folder(model, tokenizer, folder: str) -> None:
-    """export_hf's content, written into folder as it is (not atomically)."""
+    """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline, into folder as
+    it is (not atomically: convert_to_gguf.py writes it into its staging area)."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     _quiet_transformers()
 
@@ -77,15 +72,15 @@ def gguf_tensor_name(name: str) -> str:
     return f"blk.{layer}.{gguf_module}.{kind}"
 
 
-def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
-    """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices;
-    vectors stay F32, as llama.cpp expects)."""
+def write_gguf_atomic(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+    """write_gguf, atomically: path is the old file or the whole new one, never half of one."""
     with atomic_path(path) as tmp:
-        write_gguf_file(model, tokenizer, tmp, dtype, name)
+        write_gguf(model, tokenizer, tmp, dtype, name)
 
 
-def write_gguf_file(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
-    """write_gguf's content, written to path as it is (not atomically)."""
+def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+    """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices; vectors
+    stay F32, as llama.cpp expects), to path as it is (not atomically)."""
     import gguf
 
     config = model.config
@@ -151,15 +146,15 @@ def check_quant_type(name: str) -> str:
     return upper
 
 
-def quantize(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> dict:
-    """Quantize a GGUF with llama.cpp's quantizer, atomically. Returns fallback_tensors of the result."""
+def quantize_atomic(source: str, destination: str, quant_type: str, llama_cpp_path: str = None) -> dict:
+    """quantize, atomically. Returns fallback_tensors of the result."""
     with atomic_path(destination) as tmp:
-        quantize_file(source, tmp, quant_type, llama_cpp_path)
+        quantize(source, tmp, quant_type, llama_cpp_path)
     return fallback_tensors(destination, quant_type)
 
 
-def quantize_file(source: str, path: str, quant_type: str, llama_cpp_path: str = None) -> None:
-    """quantize's work, written to path as it is (not atomically)."""
+def quantize(source: str, path: str, quant_type: str, llama_cpp_path: str = None) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer, to path as it is (not atomically)."""
     if llama_cpp_path:
         return _quantize_with_binary(source, path, quant_type, llama_cpp_path)
     import llama_cpp
@@ -253,7 +248,7 @@ class Format:
 
 
 def _write_f16_gguf(model, tokenizer, path):
-    write_gguf_file(model, tokenizer, path, "F16")
+    write_gguf(model, tokenizer, path, "F16")
 
 
 def _load_gguf(path):

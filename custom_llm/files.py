@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 from custom_llm.corpus import changed_files, spec_text
 from custom_llm.model import CONFIG_KEYS, GPTLanguageModel
 from custom_llm.tokenizer import tokenizer_hash

@@ -10,7 +10,7 @@ import json
 import os
 import re
 
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 from custom_llm.model import LAYER_NORM_EPS, GPTLanguageModel
 from custom_llm.tokenizer import END_OF_TEXT, build_bpe_tokenizer
 

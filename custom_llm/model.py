@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from custom_llm.cli import UserError
 from custom_llm.context import fit_prompt, slide
 from custom_llm.generation import Sampler, Settings
 
@@ -193,36 +192,3 @@ def count_parameters(config: dict) -> int:
     V, C, L, T = config["vocab_size"], config["n_embd"], config["n_layer"], config["block_size"]
     per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
     return V * C + T * C + L * per_block + 2 * C + C * V
-
-
-# Bytes the backward pass keeps per token, per layer and per unit of n_embd, measured on a CPU with
-# attention in PyTorch's fused kernel (benchmarks/bench_memory.py): float32, and bfloat16 autocast.
-ACTIVATION_BYTES = {False: 90, True: 68}
-LOGIT_BYTES = 16               # per token and vocabulary entry: logits, their softmax and gradient
-WORKSPACE_BYTES = 100 * 2**20  # the allocator's and the kernels' own, beyond what is counted here
-
-
-def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, base_bytes: int = None) -> int:
-    """Estimated peak memory (RSS) of training with `windows` windows per forward pass: what the
-    process already holds (its RSS now, unless base_bytes), 16 bytes per parameter (float32
-    weights, gradients and up to two optimizer moments), and the activations kept for the backward
-    pass, which grow with the windows run at once."""
-    import psutil
-    T, C, L, V = config["block_size"], config["n_embd"], config["n_layer"], config["vocab_size"]
-    base = psutil.Process().memory_info().rss if base_bytes is None else base_bytes
-    activations = windows * T * (L * C * ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
-    return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations
-
-
-def check_memory(config: dict, windows: int = 1, fix: str = None) -> None:
-    """Refuse, before allocating anything, a model that cannot train in this machine's memory even
-    one window at a time (training splits a larger batch to fit; see train_llm.py --memory_gb).
-    fix: what to do instead, where a smaller shape is not the answer (a pretrained model)."""
-    import psutil
-    needed = training_memory_bytes(config, windows)
-    available = psutil.virtual_memory().available
-    if needed > 0.9 * available:
-        raise UserError(f"this model needs about {needed / 2**30:.1f} GiB to train "
-                        f"({count_parameters(config) / 1e6:,.0f}M parameters) but only "
-                        f"{available / 2**30:.1f} GiB is free: "
-                        + (fix or "choose fewer layers, a smaller n_embd or block_size"), 2)

@@ -77,3 +77,11 @@ def gpu_memory_of(pid: int):
         if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
             return int(fields[1]) * 1024 * 1024  # MiB
     return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 from custom_llm.context import fit_prompt, slide
 
 GGUF_MAGIC = b"GGUF"

@@ -5,7 +5,7 @@ import codecs
 import hashlib
 import os
 
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 
 CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in the CPU cache (measured fastest)
 

@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError, cannot_read
+from custom_llm.errors import UserError, cannot_read
 from custom_llm.cache import load_checked, save_checked, token_cache_folder
 from custom_llm.corpus import find_documents
 from custom_llm.textfile import END_OF_TEXT

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 from custom_llm.data import get_batch, random_offsets
 from custom_llm.files import save_checkpoint, save_weights
-from custom_llm.model import training_memory_bytes
+from custom_llm.memory import training_memory_bytes
 from custom_llm.optimizer import make_optimizer
 from custom_llm.precision import choose_precision
 from custom_llm.progress import Progress, clock

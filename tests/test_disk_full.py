@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import REPO, TINY
 
-from custom_llm.export import write_gguf
+from custom_llm.export import write_gguf_atomic
 from custom_llm.files import load_config, load_trained_model
 from custom_llm.tokenizer import load_tokenizer
 
@@ -25,7 +25,7 @@ WRITE = """
 import sys
 sys.path.insert(0, {repo!r})
 from custom_llm.cli import run
-from custom_llm.export import quantize, write_gguf
+from custom_llm.export import quantize_atomic, write_gguf_atomic
 from custom_llm.files import load_config, load_trained_model
 from custom_llm.tokenizer import load_tokenizer
 
@@ -51,9 +51,9 @@ WRITERS = {
     "checkpoint": ("checkpoint.pth", 800_000, lambda text, f32: training(text)),
     "hf_model": ("hf_model", 100_000, lambda text, f32: [str(REPO / "convert_to_gguf.py")]),
     "gguf": ("model.gguf", 100_000, lambda text, f32: [
-        "-c", WRITE.format(repo=str(REPO), action='write_gguf(model, tokenizer, "model.gguf", "F16")')]),
+        "-c", WRITE.format(repo=str(REPO), action='write_gguf_atomic(model, tokenizer, "model.gguf", "F16")')]),
     "quantized": ("model.gguf.Q4_0.gguf", 50_000, lambda text, f32: [
-        "-c", WRITE.format(repo=str(REPO), action=f'quantize({str(f32)!r}, "model.gguf.Q4_0.gguf", "Q4_0")')]),
+        "-c", WRITE.format(repo=str(REPO), action=f'quantize_atomic({str(f32)!r}, "model.gguf.Q4_0.gguf", "Q4_0")')]),
 }
 
 
@@ -67,7 +67,7 @@ def contents(path) -> dict:
 def f32_source(trained, tmp_path_factory):
     folder, _ = trained
     path = tmp_path_factory.mktemp("source") / "source.gguf"
-    write_gguf(load_trained_model(str(folder / "trained_model.pth"), load_config(str(folder / "model_config.pth"))),
+    write_gguf_atomic(load_trained_model(str(folder / "trained_model.pth"), load_config(str(folder / "model_config.pth"))),
                load_tokenizer(str(folder / "tokenizer.json")), str(path), "F32")
     return path
 

@@ -16,8 +16,8 @@ from conftest import REPO, run_script
 import convert_to_gguf
 import custom_llm.atomic as atomic
 import custom_llm.export as export
-from custom_llm.cli import UserError
-from custom_llm.export import HFExport, block_size, fallback_tensors, quantize, tensor_types, write_gguf
+from custom_llm.errors import UserError
+from custom_llm.export import HFExport, block_size, fallback_tensors, quantize_atomic, tensor_types, write_gguf_atomic
 from custom_llm.model import GPTLanguageModel
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, build_char_tokenizer, encode
@@ -224,8 +224,8 @@ def tiny_model(n_embd):
 def test_fallbacks_are_read_from_the_written_file(tmp_path, n_embd, quant_type, expected):
     model, tokenizer = tiny_model(n_embd)
     source, path = str(tmp_path / "f32.gguf"), str(tmp_path / "q.gguf")
-    write_gguf(model, tokenizer, source, "F32")
-    fallbacks = quantize(source, path, quant_type)
+    write_gguf_atomic(model, tokenizer, source, "F32")
+    fallbacks = quantize_atomic(source, path, quant_type)
     assert set(fallbacks) == expected
     types, _ = tensor_types(path)
     for name, kind in fallbacks.items():

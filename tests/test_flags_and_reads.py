@@ -13,7 +13,7 @@ import inference_gguf
 import llm_model
 import train_llm
 from custom_llm import cli
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 from custom_llm.files import load_config, load_trained_model
 from custom_llm.flags import NUMBERS
 from custom_llm.runtime import GGUFModel

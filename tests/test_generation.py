@@ -18,7 +18,7 @@ from conftest import REPO, Terminal, one_line_error, run_script
 from hypothesis import given, settings as hsettings, strategies as st
 
 from custom_llm.data import VALIDATION_FRACTION, prepare_dataset
-from custom_llm.export import write_gguf
+from custom_llm.export import write_gguf_atomic
 from custom_llm.generation import Sampler, Settings, StopStrings, apply_command
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import encode, load_tokenizer
@@ -197,7 +197,7 @@ def test_repeat_penalty_follows_its_definition(trained):
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
     path = folder / "penalty.F32.gguf"
-    write_gguf(model, tokenizer, str(path), "F32")
+    write_gguf_atomic(model, tokenizer, str(path), "F32")
     n_new, penalty, last_n = 60, 1.3, 16
 
     history = encode(tokenizer, PROMPT)

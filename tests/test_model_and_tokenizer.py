@@ -9,7 +9,7 @@ from conftest import make_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from custom_llm.export import write_gguf
+from custom_llm.export import write_gguf_atomic
 from custom_llm.generation import Sampler, Settings
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import (BYTE_SYMBOLS, END_OF_TEXT, HARD_STRINGS, build_char_tokenizer, decode,
@@ -170,7 +170,7 @@ def gguf_pair(request, tmp_path_factory):
     torch.manual_seed(0)
     model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
-    write_gguf(model, tokenizer, str(path), "F32")
+    write_gguf_atomic(model, tokenizer, str(path), "F32")
     return model, tokenizer, GGUFModel(str(path), logits_all=True)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, Terminal, one_line_error, run_script
 
-from custom_llm.export import FORMATS, quantize, write_gguf
+from custom_llm.export import FORMATS, quantize_atomic, write_gguf_atomic
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
 from custom_llm.files import load_config, load_trained_model
@@ -116,7 +116,7 @@ def test_unquantized_gguf_greedy_text_equals_pytorch(trained, dtype, tolerance):
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
     path = folder / f"check.{dtype}.gguf"
-    write_gguf(model, tokenizer, str(path), dtype)
+    write_gguf_atomic(model, tokenizer, str(path), dtype)
 
     ids = encode(tokenizer, "A sailor counts seven apples. The café owner forgets")[:32]
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_unquantized_gguf_greedy_text_equals_pytorch(trained, dtype, tolerance):
 def test_quantized_files_load_and_generate(trained, quant_type):
     folder, _ = trained
     path = folder / f"model.{quant_type}.gguf"
-    quantize(str(folder / "model.gguf"), str(path), quant_type)
+    quantize_atomic(str(folder / "model.gguf"), str(path), quant_type)
     # In a subprocess: a crash in llama.cpp (e.g. AMX repacking) must fail the test, not kill pytest.
     result = run_script("inference_gguf.py", "--gguf_path", path, "--query", PROMPT,
                         "--max_tokens", 80, "--seed", 3, cwd=folder)

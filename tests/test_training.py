@@ -21,7 +21,7 @@ import custom_llm.data as data
 import custom_llm.textfile as textfile
 import custom_llm.training as training
 from custom_llm.atomic import atomic_path
-from custom_llm.cli import UserError
+from custom_llm.errors import UserError
 from custom_llm.model import GPTLanguageModel
 from custom_llm.optimizer import make_optimizer
 from custom_llm.precision import cpu_info
