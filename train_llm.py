@@ -15,31 +15,39 @@ Starting from trained weights (either kind) fine-tunes, at a smaller learning ra
 and loss curve go to finetune_log.jsonl and finetune_loss_curve.png, beside the first run's.
 """
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.corpus import absolute_spec, parse_dataset_answer, spec_text
-from custom_llm.data import check_split, prepare_dataset
+from custom_llm.data import check_split, prepare_dataset, random_offsets
 from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
 from custom_llm.errors import UserError
 from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
-                              save_config)
+                              save_config, save_weights)
 from custom_llm.flags import NUMBERS
 from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
-from custom_llm.memory import check_memory
+from custom_llm.memory import check_memory, training_memory_bytes
 from custom_llm.model import GPTLanguageModel
+from custom_llm.optimizer import make_optimizer
+from custom_llm.precision import choose_precision
+from custom_llm.progress import Progress
 from custom_llm.resources import peak_rss_bytes
-from custom_llm.schedule import RECIPES
-from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer
-from custom_llm.training import StopRequest, TrainingRun, continue_log, pick_device, plot_losses
+from custom_llm.schedule import RECIPES, EvaluationSchedule, TimeBudget, default_warmup, learning_rate_at
+from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer, tokenizer_hash
+from custom_llm.training import (UNMEASURED, Clock, LoopState, Run, StepPlan, StopRequest, append_log,
+                                 auto_batch_size, configure_torch, continue_log, estimate_loss, forward_backward,
+                                 micro_batch_for, pick_device, plot_losses, restore, save_checkpoint, speed_estimate,
+                                 summary, upgrade_checkpoint)
 
 DEFAULT_TEXT = "input.txt"
 FINE_TUNING_DROPOUT = 0.1   # GPT-2's own; nanoGPT's advice for fine-tuning is 0.1 or more
@@ -128,49 +136,188 @@ def main():
         # Ranks leave together: one that tears down while rank 0 still saves and plots could abort
         # in gloo ("terminate called without an active exception", one run in three here).
         processes.barrier()
+    except RuntimeError as err:   # torch.distributed's errors: a process it waited for is gone
+        if not processes.distributed:
+            raise
+        raise UserError("another training process stopped, so this one stops too "
+                        f"({str(err).strip().splitlines()[0][:200]})") from None
     finally:
         processes.close()
 
 
 def train(args, processes):
-    """Ask, load, train, save, report. Only rank 0 asks, talks and writes."""
+    """Read and check every input, then write; train; report. Only rank 0 asks, reads the run's
+    files, talks and writes; the other processes get what it read and need only the text."""
     say = print if processes.is_main else (lambda *a, **k: None)
-    checkpoint = load_checkpoint(args.checkpoint_path) if args.resume else None
-    fine_tuning = bool(checkpoint["plan"].get("init_from") if checkpoint else args.init_from)
-    args.metrics_path = args.metrics_path or LOG_PATHS[fine_tuning][0]
-    args.plot_path = args.plot_path or LOG_PATHS[fine_tuning][1]
-    config, tokenizer = load_config_and_tokenizer(args)
-    plan = processes.share(ask_plan(args, checkpoint) if processes.is_main else None)
-    torch.manual_seed(plan["seed"] + processes.rank)
-    torch.set_num_threads(processes.threads_per_process())
 
+    # Read and check everything before writing anything: a failure leaves every file as it was.
+    checkpoint, config, tokenizer, plan = processes.share_from_main(lambda: read_inputs(args))
+    set_log_paths(args, checkpoint)
+    device_type = "cuda" if processes.device.startswith("cuda") else "cpu"
+    precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], device_type))
+    if plan["batch_size"] == "auto":
+        plan["batch_size"] = auto_batch_size(precision, config["block_size"])
+    configure_torch(device_type, plan["seed"] + processes.rank, processes.threads_per_process())
     dataset = load_text(args, plan, config, tokenizer, processes, say)
-    pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, processes.is_main, say)
-    if processes.is_main:  # the files this run trains on, resumed runs included
-        with atomic_path(args.manifest_path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(dataset.corpus.manifest(), f, indent=1)
+    new_tokenizer = check_tokenizer_and_config(args, plan, config, dataset, checkpoint)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
                  if from_gpt2_folder(args) else None)
-    model = load_starting_model(args, config)
-    training = TrainingRun(model.to(processes.device), plan, dataset, processes, args.compile, args.memory_gb,
-                           checkpoint)
-    if processes.is_main and checkpoint:
-        continue_log(args.metrics_path, checkpoint["step"])
-    elif processes.is_main and os.path.exists(args.metrics_path):
-        os.remove(args.metrics_path)  # a new run starts a new log
-    say(training.summary())
-    if fine_tuning:
+    # The starting weights: rank 0 reads them; they reach the others through DistributedDataParallel.
+    model = processes.share_from_main(lambda: load_starting_model(args, config),
+                                      elsewhere=lambda: GPTLanguageModel(config))
+
+    # Everything is read: now the run's files.
+    if processes.is_main:
+        write_run_files(args, config, dataset, checkpoint, new_tokenizer)
+    training = start_run(args, model.to(processes.device), plan, dataset, processes, precision, checkpoint)
+    say(summary(training))
+    if plan.get("init_from"):
         say(f"Fine-tuning {plan['init_from']}: {plan['optimizer']} at peak learning rate {plan['learning_rate']:g} "
-            f"with {training.steps.warmup_steps} warmup steps" +
+            f"with {training.state.warmup_steps} warmup steps" +
             ("" if args.learning_rate is not None or args.optimizer is not None else
              " (small steps keep what the model learned; --learning_rate and --optimizer change them)") +
             f"; log: {args.metrics_path}, curve: {args.plot_path} (the first run's "
             f"{LOG_PATHS[False][0]} and {LOG_PATHS[False][1]} are kept)")
-    say(training.speed_estimate())
+    say(speed_estimate(training))
 
-    train_loop(training, args)
+    train_loop(training, args, tokenizer_hash(dataset.tokenizer))
     report(training, args, say)
+
+
+def train_loop(run, args, tokenizer_key):
+    """The run, step by step: what a step does, and when to evaluate, save and stop. Validation
+    every eval_interval steps, at each epoch's end and after the last step; a checkpoint every
+    checkpoint_interval steps or checkpoint_minutes, on Ctrl-C (then exit 130) and at the end."""
+    state, steps, plan, processes = run.state, run.steps, run.plan, run.processes
+    progress = Progress(None if run.budget else state.total_steps, state.step,
+                        interactive=sys.stderr.isatty(), enabled=processes.is_main)
+    window_losses, epoch_losses, last_checkpoint = [], [], run.clock.session()
+    with StopRequest() as stop:
+        while state.step < state.total_steps:
+            # A step: the schedule's learning rate, gradients over a fresh draw of windows, applied.
+            step_started = run.clock.session()
+            lr = learning_rate_at(state.step, state.total_steps, plan["learning_rate"], state.warmup_steps,
+                                  plan["min_lr_ratio"])
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            run.optimizer.zero_grad(set_to_none=True)
+            offsets = random_offsets(run.generator, len(run.dataset.train), run.block_size,
+                                     steps.batch_size * steps.micro_batches)
+            loss = forward_backward(run.train_model, run.dataset.train, offsets, steps, processes, run.block_size,
+                                    run.autocast)
+            if plan["grad_clip"] > 0:   # 0: no clipping
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), plan["grad_clip"])
+            run.optimizer.step()
+            state.step += 1
+            window_losses.append(loss)
+            epoch_losses.append(loss)
+            if run.budget:
+                run.budget.record_step(run.clock.session() - step_started)
+                fit_plan_to_budget(run, progress)
+            progress.update(state.step, state.total_steps, loss, run.tokens_per_second(), run.seconds_left())
+
+            if run.schedule.due(state.step, state.last_eval_step, state.total_steps):
+                evaluation_started = run.clock.session()
+                epoch_ends = run.schedule.epoch_ends(state.step, state.total_steps)
+                evaluate_and_log(run, args, epoch_losses if epoch_ends else window_losses, epoch_ends, lr, progress)
+                window_losses, epoch_losses = [], ([] if epoch_ends else epoch_losses)
+                if run.budget:   # the next estimate counts it
+                    run.budget.record_evaluation(run.clock.session() - evaluation_started)
+
+            stopping = processes.any(stop.requested)
+            checkpoint_due = (state.step % args.checkpoint_interval == 0
+                              or run.clock.session() - last_checkpoint > 60 * args.checkpoint_minutes)
+            if processes.is_main and (stopping or checkpoint_due):
+                save_checkpoint(run, args.checkpoint_path, tokenizer_key)
+                last_checkpoint = run.clock.session()
+            if stopping:
+                progress.close()
+                if processes.is_main:
+                    print(f"Stopped at step {state.step}/{state.total_steps}; checkpoint saved to "
+                          f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", file=sys.stderr)
+                raise SystemExit(130)
+        progress.close()
+        if processes.is_main:
+            save_checkpoint(run, args.checkpoint_path, tokenizer_key)
+
+
+def fit_plan_to_budget(run, progress) -> None:
+    """A timed run: the total is what fits in the time left, re-estimated at every step; the
+    warmup is fixed at the first estimate (5% of it, at most 200, unless --warmup_steps)."""
+    state, plan = run.state, run.plan
+    if not run.budget.measured:
+        return
+    first = state.total_steps == UNMEASURED
+    state.total_steps = max(state.step, run.budget.total_steps(
+        state.step, run.clock.elapsed(), run.schedule.evaluations_per_step(), plan["eval_batches"]))
+    if first and plan["warmup_steps"] is None:
+        state.warmup_steps = default_warmup(state.total_steps, fine_tuning=bool(plan.get("init_from")))
+    if first:
+        progress.write(f"About {state.total_steps} steps fit in {plan['minutes']:g} min "
+                       f"({run.budget.mean_step_seconds():.2f}s per step); the schedule is laid over them")
+
+
+def evaluate_and_log(run, args, train_losses, epoch_ends, lr, progress) -> None:
+    """Validation loss on the same windows every time; rank 0 saves the weights when they are the
+    best so far and logs a row. One line says it, with the epoch's summary at an epoch's end."""
+    state, steps, processes = run.state, run.steps, run.processes
+    state.last_eval_step = state.step
+    # Every process evaluates the same windows, so they stay in step without waiting.
+    val_loss = estimate_loss(run.model, run.dataset.val, steps.micro_batch_size, run.block_size,
+                             run.plan["eval_batches"] * steps.batch_size // steps.micro_batch_size,
+                             processes.device, run.autocast)
+    train_loss = processes.mean(float(np.mean(train_losses))) if train_losses else float("nan")
+    if val_loss < state.best_val:
+        state.best_val, state.best_step = val_loss, state.step
+        if processes.is_main:
+            save_weights(run.model, args.output)
+    if processes.is_main:
+        append_log(args.metrics_path, {
+            "step": state.step, "tokens": state.step * steps.tokens_per_step,
+            "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "lr": lr,
+            "tokens_per_s": round(run.tokens_per_second()), "elapsed_s": round(run.clock.elapsed(), 2),
+            "time": round(time.time(), 3)})
+    losses = f"training loss {train_loss:.4f}, validation loss {val_loss:.4f} (best {state.best_val:.4f} " \
+             f"at step {state.best_step})"
+    if epoch_ends:
+        epoch = (state.step - 1) // steps.steps_per_epoch + 1
+        progress.write(f"Epoch {epoch}/{steps.n_epochs(state.total_steps)} ends at step {state.step}: {losses}",
+                       sys.stdout)
+    else:
+        progress.write(f"step {state.step}: {losses}")
+
+
+def report(run, args, say):
+    """The loss curve, and what the run achieved."""
+    drawn = run.processes.is_main and plot_losses(args.metrics_path, args.plot_path)
+    state, seconds = run.state, run.clock.session()
+    steps_run = state.total_steps - run.first_step
+    # Bits per character make char and BPE models comparable: loss per token / characters per token.
+    budget = f" (budget {run.plan['minutes']:g} min)" if run.budget else ""
+    memory = (f"; peak memory {peak_rss_bytes() / 2**30:.2f} GB (estimated {run.memory_estimate / 2**30:.2f})"
+              if run.device_type == "cpu" else "")
+    say(f"Saved {args.output}: weights from step {state.best_step} (validation loss {state.best_val:.4f} per token, "
+        f"{state.best_val / math.log(2) / run.dataset.characters_per_token:.3f} bits per character); "
+        f"{steps_run} steps in {seconds:.1f}s{budget}, {steps_run * run.steps.tokens_per_step / seconds:,.0f} "
+        f"tokens/s{memory}. Log: {args.metrics_path}, curve: "
+        + (args.plot_path if drawn else "none (the log has no rows: it was deleted after its last evaluation)"))
+
+
+# ------------------------------------------------------------------ reading and checking the inputs
+
+def read_inputs(args):
+    """Rank 0: the checkpoint (--resume), the model config and tokenizer, and the plan."""
+    checkpoint = upgrade_checkpoint(load_checkpoint(args.checkpoint_path), args.dtype) if args.resume else None
+    set_log_paths(args, checkpoint)
+    config, tokenizer = load_config_and_tokenizer(args)
+    return checkpoint, config, tokenizer, ask_plan(args, checkpoint)
+
+
+def set_log_paths(args, checkpoint) -> None:
+    """A fine-tuning run keeps the first run's log and curve, and writes its own beside them."""
+    fine_tuning = bool(checkpoint["plan"].get("init_from") if checkpoint else args.init_from)
+    args.metrics_path = args.metrics_path or LOG_PATHS[fine_tuning][0]
+    args.plot_path = args.plot_path or LOG_PATHS[fine_tuning][1]
 
 
 def recipe_of(args) -> str:
@@ -215,8 +362,6 @@ def ask_plan(args, checkpoint) -> dict:
         remove_stale_temporaries(path)  # left by a run that was killed while writing
     if checkpoint:
         plan = checkpoint["plan"]
-        plan.setdefault("optimizer", "adamw")  # checkpoints from before Muon trained with AdamW
-        plan.setdefault("dtype", args.dtype)
         print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
     else:
         # A timed run's length is its time: the number of epochs is not asked.
@@ -257,74 +402,81 @@ def load_text(args, plan, config, tokenizer, processes, say):
     return dataset
 
 
-def pair_tokenizer_and_config(args, plan, config, dataset, checkpoint, is_main, say):
+def check_tokenizer_and_config(args, plan, config, dataset, checkpoint) -> bool:
     """The tokenizer and the config must belong together: checked on --resume and --init_from
-    (trained_model.pth); a new run, or one from a GPT-2 folder, saves its tokenizer. The config is
-    saved with its real vocab_size and the text's path and encoding (convert_to_gguf.py checks the
-    model on its held-out part)."""
+    (trained_model.pth). The config takes the real vocab_size and the text's path and encoding
+    (convert_to_gguf.py checks the model on its held-out part). True when the tokenizer is new
+    (made here, or a GPT-2 folder's) and is to be saved."""
     tokenizer = dataset.tokenizer
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
-        return
-    from_weights = args.init_from and not from_gpt2_folder(args)
+        return False
+    from_weights = bool(args.init_from) and not from_gpt2_folder(args)
     if from_weights:
         check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
-    if is_main:
-        if not from_weights:
-            save_tokenizer(tokenizer, args.tokenizer_path)
+    return not from_weights
+
+
+# ------------------------------------------------------------------ writing, and the run's start
+
+def write_run_files(args, config, dataset, checkpoint, new_tokenizer: bool) -> None:
+    """Rank 0, once every input is checked: the tokenizer and config of a new run, the manifest of
+    the files it trains on (resumed runs included), and the log: a resumed run's continues, a new
+    run's starts anew."""
+    if not checkpoint:
+        if new_tokenizer:
+            save_tokenizer(dataset.tokenizer, args.tokenizer_path)
         save_config(config, args.config_path)
-    if not from_weights:
-        say(f"Tokenizer: vocabulary of {config['vocab_size']} "
-            + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
-               else "(one token per character, plus byte fallback")
-            + (f" of {args.init_from}" if args.init_from else "")
-            + f") saved to {args.tokenizer_path}")
+        if new_tokenizer:
+            print(f"Tokenizer: vocabulary of {config['vocab_size']} "
+                  + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
+                     else "(one token per character, plus byte fallback")
+                  + (f" of {args.init_from}" if args.init_from else "")
+                  + f") saved to {args.tokenizer_path}")
+    with atomic_path(args.manifest_path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dataset.corpus.manifest(), f, indent=1)
+    if checkpoint:
+        continue_log(args.metrics_path, checkpoint["step"])
+    elif os.path.exists(args.metrics_path):
+        os.remove(args.metrics_path)
 
 
-def train_loop(training, args):
-    """Steps to the end of the plan. Validation every eval_interval steps and at each epoch's
-    end; a checkpoint every checkpoint_interval steps or checkpoint_minutes, on Ctrl-C (then
-    exit 130) and at the end."""
-    is_main = training.processes.is_main
-    with StopRequest() as stop:
-        while not training.done:
-            training.train_step()
-            if training.evaluation_due():
-                training.evaluate_and_log(args.output, args.metrics_path)
-            stopping = training.processes.any(stop.requested)
-            if is_main and (stopping or training.checkpoint_due(args.checkpoint_interval, args.checkpoint_minutes)):
-                training.save_checkpoint(args.checkpoint_path)
-            if stopping:
-                training.close_progress()
-                if is_main:
-                    print(f"Stopped at step {training.step}/{training.steps.total_steps}; checkpoint saved to "
-                          f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", file=sys.stderr)
-                raise SystemExit(130)
-            if training.epoch_ended():
-                training.end_epoch()
-        training.close_progress()
-        if is_main:
-            training.save_checkpoint(args.checkpoint_path)
-
-
-def report(training, args, say):
-    """The loss curve, and what the run achieved."""
-    elapsed = time.time() - training.started
-    if training.processes.is_main:
-        plot_losses(args.metrics_path, args.plot_path)
-    s, best_val = training.steps, training.best_val
-    steps_run = s.total_steps - training.tokens_at_start // s.tokens_per_step
-    tokens_run = s.total_steps * s.tokens_per_step - training.tokens_at_start
-    # Bits per character make char and BPE models comparable: loss per token / characters per token.
-    budget = f" (budget {training.plan['minutes']:g} min)" if training.budget else ""
-    memory = (f"; peak memory {peak_rss_bytes() / 2**30:.2f} GB (estimated {training.memory_estimate / 2**30:.2f})"
-              if training.device_type == "cpu" else "")
-    say(f"Saved {args.output}: weights from step {training.best_step} (validation loss {best_val:.4f} per token, "
-        f"{best_val / math.log(2) / training.dataset.characters_per_token:.3f} bits per character); "
-        f"{steps_run} steps in {elapsed:.1f}s{budget}, {tokens_run / elapsed:,.0f} tokens/s{memory}. "
-        f"Log: {args.metrics_path}, curve: {args.plot_path}")
+def start_run(args, model, plan, dataset, processes, precision, checkpoint) -> Run:
+    """The optimizer, the batch split, the state (new, or the checkpoint's), and the model as it
+    trains: compiled on CUDA, under DistributedDataParallel with several processes."""
+    device_type = "cuda" if processes.device.startswith("cuda") else "cpu"
+    block_size = model.config["block_size"]
+    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type, plan["optimizer"],
+                               precision.dtype)
+    generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
+    # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget.
+    micro_batch_size = (plan["batch_size"] if device_type == "cuda" else
+                        micro_batch_for(model.config, plan["batch_size"], args.memory_gb * 2**30, precision.autocast))
+    fresh = StepPlan.of(plan, len(dataset.train), block_size, processes.world_size, micro_batch_size)
+    total_steps = fresh.planned_steps(plan)
+    state = LoopState(total_steps=total_steps, micro_batch_size=micro_batch_size,
+                      warmup_steps=plan["warmup_steps"] if plan["warmup_steps"] is not None else
+                      default_warmup(total_steps, fine_tuning=bool(plan.get("init_from"))))
+    if checkpoint:
+        state = LoopState.restored(checkpoint, fresh=state)
+        restore(checkpoint, model, optimizer, generator, processes.is_main)
+    steps = dataclasses.replace(fresh, micro_batch_size=state.micro_batch_size)
+    compiled = args.compile == "yes" or (args.compile == "auto" and device_type == "cuda")
+    train_model = torch.compile(model) if compiled else model
+    if processes.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(train_model,
+                                              device_ids=[processes.local_rank] if device_type == "cuda" else None)
+    return Run(model=model, train_model=train_model, optimizer=optimizer, generator=generator, plan=plan,
+               steps=steps, state=state, schedule=EvaluationSchedule(plan["eval_interval"], steps.steps_per_epoch),
+               budget=TimeBudget(plan["minutes"]) if plan.get("minutes") else None, clock=Clock(state.elapsed),
+               dataset=dataset, processes=processes, precision=precision, device_type=device_type,
+               compiled=compiled, memory_gb=args.memory_gb,
+               memory_estimate=training_memory_bytes(model.config, steps.micro_batch_size, precision.autocast),
+               first_step=state.step)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from custom_llm.errors import UserError
+
 
 class Processes:
     """This process's place among the training processes (rank 0 asks, prints and writes)."""
@@ -37,13 +39,29 @@ class Processes:
         """Share this machine's cores between the processes on it."""
         return max(1, (os.cpu_count() or 1) // self.local_world_size)
 
-    def share(self, value):
-        """Rank 0's value, on every rank (answers to questions, plans)."""
+    def share_from_main(self, read, elsewhere=None):
+        """read() on rank 0, its value on every rank: rank 0 alone reads the run's files, so the
+        other machines need none of them. elsewhere: what the other ranks use instead of rank 0's
+        value (sent only when they need it). When rank 0 fails with a UserError, every rank stops
+        with one line."""
         if not self.distributed:
-            return value
-        holder = [value]
+            return read()
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = read()
+            except UserError as err:
+                error = err
+        holder = [(None if elsewhere and self.is_main else value, error and (str(error), error.exit_code))]
         dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        if error:
+            raise error
+        if holder[0][1]:
+            message, exit_code = holder[0][1]
+            raise UserError(f"training process 0 stopped ({message})", exit_code)
+        if self.is_main:
+            return value
+        return elsewhere() if elsewhere else holder[0][0]
 
     def barrier(self):
         if self.distributed:

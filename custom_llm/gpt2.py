@@ -99,8 +99,16 @@ def read_gpt2_config(folder: str) -> dict:
         if not fits:
             raise UserError(f"{folder}: {key} is {hf.get(key)!r}, but this project's model (GPT-2's graph, which "
                             f"llama.cpp runs) has {ours}: this model cannot be a starting point", 2)
-    return {"vocab_size": hf.get("vocab_size", 50257), "n_embd": n_embd, "n_head": hf.get("n_head", 12),
-            "n_layer": hf.get("n_layer", 12), "block_size": hf.get("n_positions", 1024)}
+    config = {"vocab_size": hf.get("vocab_size", 50257), "n_embd": n_embd, "n_head": hf.get("n_head", 12),
+              "n_layer": hf.get("n_layer", 12), "block_size": hf.get("n_positions", 1024)}
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path}: {key} is {value!r}, not a positive whole number: the folder is damaged; "
+                            "download the model again", 2)
+    if config["n_embd"] % config["n_head"]:
+        raise UserError(f"{path}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}, so "
+                        "GPT-2's attention cannot split it into heads: the folder is damaged; download it again", 2)
+    return config
 
 
 def load_gpt2_tokenizer(folder: str):
@@ -154,8 +162,9 @@ def load_gpt2_model(folder: str, config: dict) -> GPTLanguageModel:
     logging.disable_progress_bar()
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(folder, local_files_only=True)
-    except OSError as err:
-        raise UserError(f"{folder} holds no readable GPT-2 weights ({str(err).splitlines()[0][:160]}): "
+    except Exception as err:   # missing (OSError), truncated (safetensors), of another shape (RuntimeError)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{folder} holds no readable GPT-2 weights of its config's shape ({reason}): "
                         + DOWNLOAD_HINT.format(name=os.path.basename(os.path.normpath(folder)))) from None
     model = GPTLanguageModel(config)
     missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_model.state_dict()), strict=False)

@@ -1,9 +1,8 @@
-"""The plan of a run over time: the learning-rate schedule, and fitting the whole plan into a
-wall-time budget (train_llm.py --minutes)."""
+"""The plan of a run over time: the learning-rate schedule, when to evaluate, and fitting the whole
+plan into a wall-time budget (train_llm.py --minutes)."""
 
 import collections
 import math
-import time
 
 
 def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int,
@@ -33,6 +32,25 @@ def default_warmup(total_steps: int, fine_tuning: bool = False) -> int:
     return min(100 if fine_tuning else 200, max(1, total_steps // 20))
 
 
+class EvaluationSchedule:
+    """When the loop evaluates: every `interval` steps since the last evaluation, at the end of
+    every epoch, and after the last step. The time budget and the speed estimate count evaluations
+    with evaluations_per_step, so all three follow this one rule."""
+
+    def __init__(self, interval: int, steps_per_epoch: int):
+        self.interval, self.steps_per_epoch = interval, steps_per_epoch
+
+    def epoch_ends(self, step: int, total_steps: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step >= total_steps
+
+    def due(self, step: int, last_eval_step: int, total_steps: int) -> bool:
+        return step - last_eval_step >= self.interval or self.epoch_ends(step, total_steps)
+
+    def evaluations_per_step(self) -> float:
+        """In the long run: each epoch has one every `interval` steps before its end, and one at it."""
+        return ((self.steps_per_epoch - 1) // self.interval + 1) / self.steps_per_epoch
+
+
 class TimeBudget:
     """How many steps fit in the budget, measured as the run goes.
 
@@ -40,27 +58,20 @@ class TimeBudget:
     run) to the end of the final save: steps, the periodic validations, the last validation and the
     saves. The step time is the mean of the recent steps (the first one, which warms kernels up,
     is left out), so the plan follows the machine when it speeds up or slows down; the cosine
-    schedule is laid over the current estimate of the total."""
+    schedule is laid over the current estimate of the total. The time itself is the run's clock
+    (training.Clock), passed in."""
 
     FIRST_MEASURED_STEP = 2      # steps timed before the first estimate (the first one is warm-up)
     SAVE_RESERVE_S = 1.0         # the final saves and the loss curve (a fraction of a second measured)
 
-    def __init__(self, minutes: float, elapsed_before: float = 0.0):
+    def __init__(self, minutes: float):
         self.seconds = 60.0 * minutes
-        self.elapsed_before = elapsed_before
-        self.started = None
         self.step_seconds = collections.deque(maxlen=20)
         self.evaluation_seconds = None
         self.steps_timed = 0
 
-    def start(self) -> None:
-        self.started = time.time()
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + (time.time() - self.started if self.started else 0.0)
-
-    def left(self) -> float:
-        return max(0.0, self.seconds - self.elapsed())
+    def left(self, elapsed: float) -> float:
+        return max(0.0, self.seconds - elapsed)
 
     def record_step(self, seconds: float) -> None:
         self.steps_timed += 1
@@ -77,11 +88,11 @@ class TimeBudget:
     def mean_step_seconds(self) -> float:
         return sum(self.step_seconds) / len(self.step_seconds)
 
-    def total_steps(self, step: int, eval_interval: int, eval_batches: int) -> int:
-        """The plan's total: the steps done plus those that fit in what is left, counting a
-        validation every eval_interval steps and one at the end."""
+    def total_steps(self, step: int, elapsed: float, evaluations_per_step: float, eval_batches: int) -> int:
+        """The plan's total: the steps done plus those that fit in what is left, counting the
+        schedule's validations and one at the end."""
         per_step = self.mean_step_seconds()
         # Until one is timed, a validation batch is taken to cost a third of a step (forward only).
         evaluation = self.evaluation_seconds if self.evaluation_seconds is not None else eval_batches * per_step / 3
-        room = self.left() - evaluation - self.SAVE_RESERVE_S
-        return step + max(0, math.floor(room / (per_step + evaluation / eval_interval)))
+        room = self.left(elapsed) - evaluation - self.SAVE_RESERVE_S
+        return step + max(0, math.floor(room / (per_step + evaluation * evaluations_per_step)))

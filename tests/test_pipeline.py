@@ -30,7 +30,8 @@ def test_training_output_and_files(trained, text_file):
     folder, results = trained
     out = results["train"].stdout
     assert re.search(r"Training on cpu with \d+\.\d+M parameters", out)
-    epochs = re.findall(r"Epoch (\d+)/(\d+), Loss: (\d+\.\d+), Validation loss: (\d+\.\d+)", out)
+    epochs = re.findall(r"Epoch (\d+)/(\d+) ends at step \d+: training loss (\d+\.\d+), validation loss (\d+\.\d+)",
+                        out)
     assert len(epochs) >= 2
     assert float(epochs[-1][2]) < float(epochs[0][2])  # the loss falls
 

@@ -5,9 +5,9 @@ import io
 import pytest
 
 from custom_llm import progress as progress_module
-from custom_llm import schedule
+from custom_llm import schedule, training
 from custom_llm.progress import Progress, clock
-from custom_llm.schedule import TimeBudget
+from custom_llm.schedule import EvaluationSchedule, TimeBudget
 
 
 class FakeClock:
@@ -21,50 +21,63 @@ class FakeClock:
 @pytest.fixture
 def fake_time(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(schedule.time, "time", fake)
     monkeypatch.setattr(progress_module.time, "time", fake)
     return fake
 
 
-def test_budget_fits_steps_evaluations_and_the_final_save(fake_time):
+def test_budget_fits_steps_evaluations_and_the_final_save():
     budget = TimeBudget(minutes=2)
-    budget.start()
     budget.record_step(5.0)              # the first step warms up: not counted
     budget.record_step(1.0)
-    fake_time.now += 6.0
     assert budget.measured
     # 114 s left; the final validation (10 batches at a third of a step) and the save reserve
     # come off first, then each step costs 1 s plus its share of a validation every 50 steps.
     evaluation = 10 * 1.0 / 3
     room = 114 - evaluation - TimeBudget.SAVE_RESERVE_S
-    assert budget.total_steps(2, eval_interval=50, eval_batches=10) == 2 + int(room // (1 + evaluation / 50))
+    assert budget.total_steps(2, elapsed=6.0, evaluations_per_step=1 / 50, eval_batches=10) == \
+        2 + int(room // (1 + evaluation / 50))
 
 
-def test_budget_follows_a_change_of_speed_and_a_measured_validation(fake_time):
+def test_budget_follows_a_change_of_speed_and_a_measured_validation():
     budget = TimeBudget(minutes=1)
-    budget.start()
     for _ in range(21):
         budget.record_step(0.5)
-    before = budget.total_steps(21, eval_interval=1000, eval_batches=1)
+    before = budget.total_steps(21, elapsed=0.0, evaluations_per_step=1 / 1000, eval_batches=1)
     for _ in range(20):                   # the machine got busy: steps take twice as long
         budget.record_step(1.0)
     budget.record_evaluation(4.0)
-    after = budget.total_steps(21, eval_interval=1000, eval_batches=1)
+    after = budget.total_steps(21, elapsed=0.0, evaluations_per_step=1 / 1000, eval_batches=1)
     assert after < before
     assert after == 21 + int((60 - 4.0 - TimeBudget.SAVE_RESERVE_S) // (1.0 + 4.0 / 1000))
 
 
-def test_a_resumed_budget_counts_the_time_already_spent(fake_time):
-    budget = TimeBudget(minutes=10, elapsed_before=570.0)
-    budget.start()
-    fake_time.now += 20
-    assert budget.left() == pytest.approx(10.0)
+def test_a_resumed_budget_counts_the_time_already_spent(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(training.time, "monotonic", clock)
+    run_clock = training.Clock(before=570.0)   # the sessions it resumed
+    budget = TimeBudget(minutes=10)
+    clock.now += 20
+    assert budget.left(run_clock.elapsed()) == pytest.approx(10.0)
     budget.record_step(1.0)
     budget.record_step(1.0)
     room = 10.0 - 10 / 3 - TimeBudget.SAVE_RESERVE_S
-    assert budget.total_steps(100, 250, 10) == 100 + int(room // (1 + 10 / 3 / 250))
-    fake_time.now += 60                  # over the budget: nothing more fits
-    assert budget.total_steps(105, 250, 10) == 105
+    assert budget.total_steps(100, run_clock.elapsed(), 1 / 250, 10) == 100 + int(room // (1 + 10 / 3 / 250))
+    clock.now += 60                      # over the budget: nothing more fits
+    assert budget.total_steps(105, run_clock.elapsed(), 1 / 250, 10) == 105
+
+
+def test_the_evaluation_schedule_is_one_rule_for_the_loop_and_the_estimates():
+    schedule = EvaluationSchedule(interval=4, steps_per_epoch=10)
+    total = 30
+    due, last = [], 0
+    for step in range(1, total + 1):     # as the loop asks it
+        if schedule.due(step, last, total):
+            due.append(step)
+            last = step
+    assert due == [4, 8, 10, 14, 18, 20, 24, 28, 30]   # every 4 steps, and at each epoch's end
+    assert schedule.evaluations_per_step() * total == pytest.approx(len(due))   # what the estimates count
+    assert EvaluationSchedule(250, 10 ** 6).evaluations_per_step() == pytest.approx(1 / 250, rel=1e-3)
+    assert EvaluationSchedule(250, 20).evaluations_per_step() == 1 / 20   # short epochs: one at each end
 
 
 def test_default_warmup_is_five_percent_at_most_200():
