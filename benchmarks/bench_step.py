@@ -43,11 +43,17 @@ def seconds_per_step(config, batch_size, optimizer_kind, bf16, orthogonalize_dty
         optimizer.optimizers = (torch.optim.Muon(blocks, lr=0.01, adjust_lr_fn="match_rms_adamw"),
                                 optimizer.optimizers[1])
     x = torch.randint(0, config["vocab_size"], (batch_size, config["block_size"]))
+    return seconds_per_training_step(lambda: model(x, x)[1], model, optimizer, bf16, steps, warmup)
+
+
+def seconds_per_training_step(loss_of_batch, model, optimizer, bf16, steps, warmup):
+    """Mean seconds of one step (forward under the chosen autocast, backward, clipping at 1.0,
+    optimizer), timed after `warmup` untimed steps. Any model: loss_of_batch returns its loss."""
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step():
         with autocast():
-            _, loss = model(x, x)
+            loss = loss_of_batch()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
