@@ -16,6 +16,7 @@ its ratio to the PyTorch model's perplexity on the same windows, and top-1 next-
 import os
 import time
 
+from custom_llm import isolated
 from custom_llm.atomic import remove_stale_temporaries, staging
 from custom_llm.checks import check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, run
@@ -25,8 +26,8 @@ from custom_llm.evaluation import evaluation_windows, pytorch_logits, report_tab
 from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fallback_tensors, quantize, tensor_types,
                                write_gguf)
 from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
+from custom_llm.isolated import LlamaCrash
 from custom_llm.resources import human_bytes
-from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
 
 # What --report quantizes to when --quant_type does not say: from near-lossless to 2-bit.
@@ -131,7 +132,11 @@ def shown(path: str, folder: bool) -> str:
 def check_and_say(export_format, path, written, tolerance, model, tokenizer, windows) -> list:
     """One line on how the export bound for path (written, for now) compares with the model;
     what failed, if anything."""
-    r = check_export(export_format, written, model, tokenizer, windows)
+    try:
+        r = check_export(export_format, written, model, tokenizer, windows)
+    except LlamaCrash as crash:
+        print(f"Check {shown(path, export_format.folder)}: {crash}")
+        return [f"{crash} while checking {path}"]
     n_hard = len(HARD_STRINGS)
     print(f"Check {shown(path, export_format.folder)}: {human_bytes(r['size'])}"
           + (f", {r['bpw']:.2f} bits/weight" if r["bpw"] is not None else "")
@@ -175,7 +180,11 @@ def print_report(model, eval_tokens, eval_source, args, files):
     rows = [{"name": "PyTorch (F32)", "size": None, "bpw": None, "perplexity": reference.perplexity,
              "ratio": None, "agreement": None}]
     for kind, path in files.items():
-        scores = score(GGUFModel(path, logits_all=True).logits, windows)
+        try:
+            scores = isolated.scores(path, windows)
+        except LlamaCrash as crash:
+            raise UserError(f"{crash} while measuring {path} for the report; the exports are written and "
+                            "passed their checks") from None
         _, bpw = tensor_types(path)
         rows.append({"name": kind, "size": os.path.getsize(path), "bpw": bpw,
                      "perplexity": scores.perplexity, "ratio": scores.perplexity / reference.perplexity,

@@ -6,8 +6,9 @@ import os
 
 import numpy as np
 
-from custom_llm.errors import UserError
+from custom_llm import isolated
 from custom_llm.corpus import spec_exists
+from custom_llm.errors import UserError
 from custom_llm.data import prepare_dataset
 from custom_llm.evaluation import pytorch_logits
 from custom_llm.tokenizer import HARD_STRINGS, encode
@@ -40,12 +41,16 @@ def check_export(export_format, path, model, tokenizer, windows) -> dict:
     tokens_agree (hard strings tokenized the same, of len(HARD_STRINGS)), next_agree (share
     of positions with the same likeliest next token), rel_error (worst max |difference| /
     max |logit| over the windows), size in bytes and bits per weight (None where not known)."""
-    export = export_format.load(path)
-    agree = sum(export.tokenize(s) == encode(tokenizer, s) for s in HARD_STRINGS)
+    if export_format.isolated:   # llama.cpp, in a child process: a crash there raises isolated.LlamaCrash
+        tokens, logits = isolated.read_back(path, HARD_STRINGS, windows)
+    else:
+        export = export_format.load(path)
+        tokens, logits = [export.tokenize(s) for s in HARD_STRINGS], [export.logits(w) for w in windows]
+    agree = sum(got == encode(tokenizer, s) for s, got in zip(HARD_STRINGS, tokens))
     expected_of = pytorch_logits(model)
     same_next, total, worst = 0, 0, 0.0
-    for window in windows:
-        expected, got = expected_of(window), export.logits(window)
+    for window, got in zip(windows, logits):
+        expected = expected_of(window)
         worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
         same_next += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(window)

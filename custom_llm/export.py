@@ -245,6 +245,7 @@ class Format:
     tolerance: float            # largest relative logit error accepted (max |difference| / max |logit|)
     bits_per_weight: Optional[Callable] = None   # path -> bits per weight, where the format says
     folder: bool = False        # the export is a folder, not a file
+    isolated: bool = False      # read back in a child process (isolated.py): llama.cpp's crashes are answers
 
 
 def _write_f16_gguf(model, tokenizer, path):
@@ -259,5 +260,5 @@ def _load_gguf(path):
 HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, HFExport, 2e-3,
             folder=True)
 GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, _load_gguf, 1e-2,
-              bits_per_weight=lambda path: tensor_types(path)[1])
+              bits_per_weight=lambda path: tensor_types(path)[1], isolated=True)
 FORMATS = [HF, GGUF]

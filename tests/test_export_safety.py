@@ -16,6 +16,8 @@ from conftest import REPO, run_script
 import convert_to_gguf
 import custom_llm.atomic as atomic
 import custom_llm.export as export
+import custom_llm.isolated as isolated
+import custom_llm.isolated as isolated
 from custom_llm.errors import UserError
 from custom_llm.export import HFExport, block_size, fallback_tensors, quantize_atomic, tensor_types, write_gguf_atomic
 from custom_llm.model import GPTLanguageModel
@@ -88,6 +90,38 @@ def test_a_failed_check_replaces_nothing(trained, tmp_path, monkeypatch, tamper,
     assert reason in str(failure.value) and "nothing was replaced" in str(failure.value)
     assert contents(folder) == before          # the previous files, byte for byte
     assert leftovers(folder) == []             # and no temporary file or folder
+
+
+@pytest.mark.parametrize("how", ["SIGSEGV", "SIGABRT"])
+def test_llama_cpp_dying_in_a_check_is_one_line_and_replaces_nothing(trained, tmp_path, monkeypatch, how):
+    """llama.cpp's part of the check runs in a child process; here that child dies by a signal, as
+    llama.cpp does on a failed assert (SIGABRT) or a backend's segfault (SIGSEGV)."""
+    folder = copy_of_pipeline(trained, tmp_path)
+    before = contents(folder)
+    dies = [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{how})"]
+    monkeypatch.setattr(isolated, "child_command", lambda *args: dies)
+    with pytest.raises(UserError) as failure:
+        convert_in_process(folder, monkeypatch)
+    message = str(failure.value)
+    assert f"llama.cpp crashed ({how}) while checking model.gguf" in message, message
+    assert "nothing was replaced" in message and "\n" not in message
+    assert contents(folder) == before          # the rule of a failed check: the previous files, byte for byte
+    assert leftovers(folder) == []
+
+
+def test_the_llama_cpp_check_runs_without_torch(trained, tmp_path):
+    """The child that reads a GGUF back imports llama.cpp and numpy, never torch."""
+    import pickle
+    folder, _ = trained
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.write_bytes(pickle.dumps({"path": str(folder / "model.gguf"), "strings": ["a b"], "windows": [[1, 2]]}))
+    child = subprocess.run([sys.executable, "-X", "importtime", "-m", "custom_llm.isolated", "read_back",
+                            str(inputs), str(outputs)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in child.stderr.splitlines() if "|" in line}
+    assert "llama_cpp" in imported and "torch" not in imported
+    tokens, logits = pickle.loads(outputs.read_bytes())["result"]
+    assert len(tokens) == 1 and logits[0].shape[0] == 2
 
 
 def test_a_passing_run_replaces_every_file_and_cleans_what_a_killed_run_left(trained, tmp_path, monkeypatch):

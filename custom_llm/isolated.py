@@ -1,0 +1,95 @@
+"""llama.cpp's part of convert_to_gguf.py's checks and report, run in a child process that never
+imports torch.
+
+llama.cpp can end its whole process: an assert that aborts, a segfault in a backend (one was seen
+at model load on a GPU machine, in a process that also held torch's CUDA libraries). Run here, such
+a death is an answer: LlamaCrash, which the caller turns into one line naming the file and the
+check, with the exports treated as for a failed check.
+
+    python -m custom_llm.isolated JOB INPUT OUTPUT     # what run() starts; INPUT/OUTPUT: pickles
+"""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+
+from custom_llm.errors import UserError
+
+
+class LlamaCrash(Exception):
+    """The child died by a signal (or exited without an answer) while llama.cpp worked."""
+
+
+def child_command(job: str, input_path: str, output_path: str) -> list:
+    return [sys.executable, "-m", "custom_llm.isolated", job, input_path, output_path]
+
+
+def run(job: str, **payload):
+    """JOB's answer, computed in a child process. A UserError there is raised here as it was."""
+    with tempfile.TemporaryDirectory(prefix="custom-llm-check-") as folder:
+        input_path, output_path = os.path.join(folder, "input"), os.path.join(folder, "output")
+        with open(input_path, "wb") as f:
+            pickle.dump(payload, f)
+        # The scripts run from the user's folder: the child finds this package where this one was found.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                          os.environ.get("PYTHONPATH")]))}
+        child = subprocess.run(child_command(job, input_path, output_path), stdin=subprocess.DEVNULL, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+        if child.returncode < 0:
+            name = signal.Signals(-child.returncode).name
+            raise LlamaCrash(f"llama.cpp crashed ({name})")
+        if not os.path.exists(output_path):
+            said = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+            raise LlamaCrash(f"llama.cpp stopped without an answer (exit status {child.returncode}"
+                             + (f": {said[-1][:160]}" if said else "") + ")")
+        with open(output_path, "rb") as f:
+            answer = pickle.load(f)
+    if "error" in answer:
+        raise UserError(*answer["error"])
+    return answer["result"]
+
+
+def read_back(path: str, strings: list, windows: list):
+    """(each string's tokens, each window's logits) from the GGUF at path, through llama.cpp."""
+    return run("read_back", path=path, strings=strings, windows=windows)
+
+
+def scores(path: str, windows: list):
+    """evaluation.Scores of the GGUF at path on [(inputs, targets)] windows."""
+    return run("scores", path=path, windows=windows)
+
+
+# ------------------------------------------------------------------ the child
+
+def _read_back(path, strings, windows):
+    from custom_llm.runtime import GGUFModel
+    model = GGUFModel(path, logits_all=True)
+    return [model.tokenize(s) for s in strings], [model.logits(w) for w in windows]
+
+
+def _scores(path, windows):
+    from custom_llm.evaluation import score
+    from custom_llm.runtime import GGUFModel
+    return score(GGUFModel(path, logits_all=True).logits, windows)
+
+
+JOBS = {"read_back": _read_back, "scores": _scores}
+
+
+def _child(job: str, input_path: str, output_path: str) -> None:
+    with open(input_path, "rb") as f:
+        payload = pickle.load(f)
+    try:
+        answer = {"result": JOBS[job](**payload)}
+    except UserError as err:
+        answer = {"error": (str(err), err.exit_code)}
+    with open(output_path, "wb") as f:
+        pickle.dump(answer, f)
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:4])
