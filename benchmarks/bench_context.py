@@ -87,9 +87,12 @@ print(json.dumps([llm.n_ctx(), out["usage"]["prompt_tokens"], out["usage"]["comp
 def front_end(path, n_ctx, way) -> str:
     result = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(n_ctx), way], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
+    if result.returncode < 0:   # killed by a signal: the whole process is gone
         assert_line = next((line.strip() for line in result.stderr.splitlines() if "GGML_ASSERT" in line), "")
-        return f"crash (exit {result.returncode}{'; ' + assert_line.split(': ', 1)[-1] if assert_line else ''})"
+        return f"crash (signal {-result.returncode}{'; ' + assert_line.split(': ', 1)[-1] if assert_line else ''})"
+    if result.returncode != 0:   # a Python exception: the caller could have caught it
+        error = next((line for line in reversed(result.stderr.splitlines()) if "Error" in line), "")
+        return f"Python exception, process alive ({error.strip()[:90]})"
     context, n_prompt, n_new, reason = json.loads(result.stdout.strip().splitlines()[-1])
     return f"context {context}: prompt {n_prompt} + {n_new} tokens, {reason}"
 
@@ -183,17 +186,18 @@ def quality(folder, model, tokenizer, block, eval_tokens, args):
     for factor, n, name, everything, inside, past, last in rows:
         print(f"| {factor}x = {factor * block} | {n} | {name} | {everything:.3f} | {inside:.3f} | {past:.3f} | "
               f"{last:.3f} |")
-    return paths
 
 
 # ------------------------------------------------------------ 3. a conversation that grows
 
-def conversation(paths, model, block, eval_tokens, args):
+def conversation(model, tokenizer, folder, block, eval_tokens, args):
     print(f"\n## 3. The next {block} tokens after a conversation of n blocks (CPU: {CPU})\n")
+    path = os.path.join(folder, f"bench-context.{POSITION_RULE}.F32.gguf")
+    write_gguf_atomic(model, tokenizer, path, "F32", position_rule=POSITION_RULE)
     lengths = [n * block for n in (1, 2, 4, 8, 16)]
     needed = max(lengths) + block + 1
     starts = list(range(0, len(eval_tokens) - needed, needed))[:args.conversations]
-    llm = load_llama(paths[POSITION_RULE], max(lengths) + block)
+    llm = load_llama(path, max(lengths) + block)
     print(f"| conversation so far | one pass, rule {POSITION_RULE} | sliding window | samples |")
     print("|---:|---:|---:|---:|")
     for length in lengths:
@@ -213,7 +217,8 @@ def main():
     parser.add_argument("--minutes", type=float, default=2)
     parser.add_argument("--eval_tokens", type=int, default=32768, help="held-out tokens per window length")
     parser.add_argument("--conversations", type=int, default=24, help="samples per conversation length")
-    parser.add_argument("--skip_front_ends", action="store_true")
+    parser.add_argument("--parts", default="front_ends,quality,conversation",
+                        help="which parts to run, comma-separated")
     args = parser.parse_args()
 
     folder = prepare(args)
@@ -226,10 +231,13 @@ def main():
                             text=True).stdout.strip()
     print(f"CPU: {CPU}; {datetime.date.today()}; commit {commit}; model {model.num_parameters() / 1e6:.2f}M "
           f"parameters, block_size {block}; held-out text: {source} ({len(eval_tokens):,} tokens)")
-    if not args.skip_front_ends:
+    parts = args.parts.split(",")
+    if "front_ends" in parts:
         front_ends(folder, model, tokenizer, block)
-    paths = quality(folder, model, tokenizer, block, eval_tokens, args)
-    conversation(paths, model, block, eval_tokens, args)
+    if "quality" in parts:
+        quality(folder, model, tokenizer, block, eval_tokens, args)
+    if "conversation" in parts:
+        conversation(model, tokenizer, folder, block, eval_tokens, args)
 
 
 if __name__ == "__main__":
