@@ -79,7 +79,7 @@ def gguf_tensor_name(name: str) -> str:
 # and llama.cpp rounds any context up to a multiple of 256. So the file carries GGUF_CONTEXT rows:
 # the trained ones unchanged, then rows made by POSITION_RULE (docs/context.md: the rules measured).
 GGUF_CONTEXT = 4096
-POSITION_RULE = "tile"
+POSITION_RULE = "clamp"
 POSITION_RULE_KEY = "custom_llm.position_rule"
 
 
