@@ -17,7 +17,7 @@ import numpy as np
 from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError
 from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
-from custom_llm.runtime import GGUFModel, llama_log
+from custom_llm.runtime import TRAINED_CONTEXT_KEY, GGUFModel, llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
 from custom_llm.model import LAYER_NORM_EPS
 
@@ -72,23 +72,100 @@ def gguf_tensor_name(name: str) -> str:
     return f"blk.{layer}.{gguf_module}.{kind}"
 
 
-def write_gguf_atomic(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+# The position table past the trained block. A gpt2 GGUF has one learned position row per
+# position, and llama.cpp aborts the whole process (GGML_ASSERT in get_rows) when it reaches a
+# position the table lacks. Front ends that do not slide a window (llama.cpp's tools, Ollama,
+# LM Studio, llama-cpp-python's Llama) run up to their context, 512 to 4096 tokens by default,
+# and llama.cpp rounds any context up to a multiple of 256. So the file carries GGUF_CONTEXT rows:
+# the trained ones unchanged, then rows made by POSITION_RULE (docs/context.md: the rules measured).
+GGUF_CONTEXT = 4096
+POSITION_RULE = "clamp"
+POSITION_RULE_KEY = "custom_llm.position_rule"
+
+
+def gguf_context_length(block_size: int) -> int:
+    """Rows of the GGUF's position table (its context_length): at least GGUF_CONTEXT and the
+    block size, rounded up to the multiple of 256 llama.cpp gives a context of block_size."""
+    return -(-max(block_size, GGUF_CONTEXT) // 256) * 256
+
+
+def _tile(table, rows):
+    """Row p is trained row p mod block: the table repeated."""
+    return table[np.arange(rows) % len(table)]
+
+
+def _clamp(table, rows):
+    """Every row past the block is the last trained row."""
+    return table[np.minimum(np.arange(rows), len(table) - 1)]
+
+
+def _last_half(table, rows):
+    """Past the block, the last half of the trained rows repeated."""
+    block, half = len(table), len(table) // 2
+    p = np.arange(rows)
+    return table[np.where(p < block, p, half + (p - half) % (block - half))]
+
+
+def _linear(table, rows):
+    """Past the block, the straight line fitted (per dimension) to the last quarter of the rows."""
+    block = len(table)
+    fit = np.arange(block - max(2, block // 4), block)
+    slope, intercept = np.polyfit(fit, table[fit].astype(np.float64), 1)
+    p = np.arange(block, rows)[:, None]
+    return np.concatenate([table, (intercept + slope * p).astype(table.dtype)])
+
+
+POSITION_RULES = {"tile": _tile, "clamp": _clamp, "last_half": _last_half, "linear": _linear}
+RULE_WORDS = {"tile": "repeat the trained rows (row p is row p mod {block})",
+              "clamp": "repeat the last trained row",
+              "last_half": "repeat the last half of the trained rows",
+              "linear": "extend a straight line through the last quarter of the trained rows"}
+
+
+def extended_positions(table: np.ndarray, rows: int, rule: str = POSITION_RULE) -> np.ndarray:
+    """The position table with `rows` rows: the trained rows unchanged, then rule's rows."""
+    if rows <= len(table):
+        return table[:rows]
+    return POSITION_RULES[rule](table, rows)
+
+
+def describe_context(block: int, rows: int, rule: str) -> str:
+    """general.description: what a front end gets past the trained block."""
+    if rows <= block:
+        return f"GPT-2-architecture model trained on a context of {block} tokens."
+    return (f"GPT-2-architecture model trained on a context of {block} tokens. Positions {block} to "
+            f"{rows - 1} {RULE_WORDS[rule].format(block=block)}, so a context of up to {rows} tokens "
+            f"runs without error, but text past {block} tokens is not what the model learned; for the "
+            f"trained quality keep the context at {block} or slide a window of {block} tokens "
+            f"(inference_gguf.py does). Contexts above {rows} abort llama.cpp at position {rows}.")
+
+
+def write_gguf_atomic(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm", **context) -> None:
     """write_gguf, atomically: path is the old file or the whole new one, never half of one."""
     with atomic_path(path) as tmp:
-        write_gguf(model, tokenizer, tmp, dtype, name)
+        write_gguf(model, tokenizer, tmp, dtype, name, **context)
 
 
-def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm") -> None:
+def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm",
+               context_length: Optional[int] = None, position_rule: str = POSITION_RULE) -> None:
     """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices; vectors
-    stay F32, as llama.cpp expects), to path as it is (not atomically)."""
+    stay F32, as llama.cpp expects), to path as it is (not atomically). Its position table has
+    context_length rows (default gguf_context_length(block size)): llama.cpp sizes
+    position_embd by gpt2.context_length, so the two must be equal; the trained block size goes
+    in TRAINED_CONTEXT_KEY."""
     import gguf
 
     config = model.config
+    block = config["block_size"]
+    rows = context_length or gguf_context_length(block)
     tokens, merges, eot = vocab_and_merges(tokenizer)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}[dtype]
     writer = gguf.GGUFWriter(path, arch="gpt2")
     writer.add_name(name)
-    writer.add_context_length(config["block_size"])
+    writer.add_description(describe_context(block, rows, position_rule))
+    writer.add_context_length(rows)
+    writer.add_uint32(TRAINED_CONTEXT_KEY, block)
+    writer.add_string(POSITION_RULE_KEY, position_rule if rows > block else "none")
     writer.add_embedding_length(config["n_embd"])
     writer.add_feed_forward_length(4 * config["n_embd"])
     writer.add_block_count(config["n_layer"])
@@ -109,6 +186,8 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "cus
 
     for param_name, tensor in model.state_dict().items():
         array = tensor.detach().float().cpu().numpy()
+        if param_name == "wpe.weight":
+            array = extended_positions(array, rows, position_rule)
         if array.ndim == 2 and dtype == "F16":
             array = array.astype(np.float16)
         writer.add_tensor(gguf_tensor_name(param_name), array)

@@ -15,6 +15,9 @@ from custom_llm.errors import UserError, cannot_read
 from custom_llm.context import fit_prompt, slide
 
 GGUF_MAGIC = b"GGUF"
+# The block size the model was trained on. The GGUF's own context_length is larger: its position
+# table runs on past the block so that front ends which do not slide never crash (export.py).
+TRAINED_CONTEXT_KEY = "custom_llm.trained_context_length"
 _load_lock = threading.Lock()
 
 
@@ -57,8 +60,10 @@ class LlamaLog:
 llama_log = LlamaLog()
 
 
-def check_gguf(path: str) -> None:
-    """A one-line error unless path is a GGUF that this project wrote (gpt2 + gpt2 tokenizer)."""
+def check_gguf(path: str):
+    """A one-line error unless path is a GGUF that this project wrote (gpt2 + gpt2 tokenizer).
+    Returns the block size it was trained on (None for files written before that was recorded,
+    whose context_length was the block size)."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python convert_to_gguf.py` first, or pass --gguf_path", 2)
     if os.path.isdir(path):
@@ -75,12 +80,15 @@ def check_gguf(path: str) -> None:
         reader = gguf.GGUFReader(path)
         fields = {name: _field_value(field) for name, field in reader.fields.items()
                   if name in ("general.architecture", "tokenizer.ggml.model")}
+        trained = reader.fields.get(TRAINED_CONTEXT_KEY)
+        trained_context = int(trained.parts[trained.data[0]][0]) if trained else None
     except Exception as err:
         raise UserError(f"{path} is a damaged or truncated GGUF ({type(err).__name__}): "
                         "convert the model again with `python convert_to_gguf.py`") from None
     if fields.get("general.architecture") != "gpt2" or fields.get("tokenizer.ggml.model") != "gpt2":
         raise UserError(f"{path} is a GGUF of another kind (architecture "
                         f"{fields.get('general.architecture')!r}); this tool runs the gpt2 GGUFs it writes")
+    return trained_context
 
 
 def _field_value(field):
@@ -117,14 +125,16 @@ class GGUFModel:
     """A GGUF loaded in llama.cpp, with the same tokenizer and context rule as the PyTorch model."""
 
     def __init__(self, path: str, use_gpu: bool = False, logits_all: bool = False, n_threads=None):
-        check_gguf(path)
+        trained_context = check_gguf(path)
         from llama_cpp import Llama
         self.path = path
         self.on_gpu = use_gpu
         mark = llama_log.mark()
         with _no_weight_repacking():
             try:
-                self.llm = Llama(model_path=path, n_ctx=0, n_batch=512, logits_all=logits_all,
+                # A context of the trained block (llama.cpp rounds it up to a multiple of 256),
+                # not the file's whole position table: generate() slides at the block anyway.
+                self.llm = Llama(model_path=path, n_ctx=trained_context or 0, n_batch=512, logits_all=logits_all,
                                  n_gpu_layers=-1 if use_gpu else 0, verbose=False,
                                  n_threads=n_threads or os.cpu_count(),
                                  n_threads_batch=n_threads or os.cpu_count())
@@ -132,7 +142,7 @@ class GGUFModel:
                 said = [line.strip() for line in llama_log.since(mark) if line.strip()]
                 raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
                                 "convert the model again with `python convert_to_gguf.py`") from None
-        self.block_size = self.llm._model.n_ctx_train()
+        self.block_size = trained_context or self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
         # generate() talks to llama.cpp directly through one reusable batch: Llama.eval would
