@@ -230,3 +230,37 @@ def test_train_on_a_folder_then_export(tmp_path):
     line = one_line_error(run_script("train_llm.py", "--resume", cwd=work))
     assert f"changed since the checkpoint ({held_out[0]} changed)" in line
     assert torch.load(work / "checkpoint.pth", weights_only=True)["manifest"]["key"] == manifest["key"]
+
+
+def test_a_run_moved_with_its_documents_resumes_and_a_changed_file_is_named(tmp_path):
+    first_place, second_place = tmp_path / "A", tmp_path / "B"
+    texts = documents(first_place / "notes", 12)
+    assert run_script("llm_model.py", *TINY, "-y", cwd=first_place).returncode == 0
+    first = run_script("train_llm.py", "--dataset_path", "notes", *QUICK, cwd=first_place)
+    assert first.returncode == 0, first.stderr
+    os.rename(first_place, second_place)   # the run's folder and its documents, moved together
+    (second_place / "dataset_manifest.json").unlink()   # derived from the documents: written again
+    resumed = run_script("train_llm.py", "--resume", cwd=second_place)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from checkpoint.pth at step 4" in resumed.stdout
+    assert "(from the token cache)" in resumed.stdout   # the cache's key moved with the documents too
+    checkpoint = torch.load(second_place / "checkpoint.pth", weights_only=True)
+    assert json.loads((second_place / "dataset_manifest.json").read_text())["key"] == checkpoint["text_hash"]
+    # A checkpoint whose key was made another way (before, from absolute paths): the content decides.
+    torch.save({**checkpoint, "text_hash": "0" * 32}, second_place / "checkpoint.pth")
+    again = run_script("train_llm.py", "--resume", cwd=second_place)
+    assert again.returncode == 0, again.stderr
+    # A changed, added or removed document is still named.
+    path = second_place / sorted(texts)[3].relative_to(first_place)
+    name = str(path.relative_to(second_place))
+    path.write_text(texts[sorted(texts)[3]] + "one more line\n", encoding="utf-8")
+    assert f"changed since the checkpoint ({name} changed)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))
+    path.write_text(texts[sorted(texts)[3]], encoding="utf-8")
+    write(second_place / "notes" / "new.md", make_text(30, seed=99))
+    assert "changed since the checkpoint (notes/new.md added)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))
+    (second_place / "notes" / "new.md").unlink()
+    path.unlink()
+    assert f"changed since the checkpoint ({name} removed)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))
