@@ -15,8 +15,8 @@ Anything else is a set of documents: every .txt and .md file under a folder (rec
 folders such as .token_cache left out), each file or glob match as given, sorted by path within
 each. Symlinked folders are followed, each real folder once (so a link loop ends), and each file is
 read once, by its identity (device, inode), whatever paths lead to it. Only regular files are read:
-named pipes, devices and sockets are skipped with a note (before they are opened: a pipe would block),
-as are files that are binary, empty or not in the encoding.
+named pipes, devices, sockets and links that lead nowhere are skipped with a note, unopened (a pipe
+would block the reader forever), as are files that are binary, empty or not in the encoding.
 Documents are joined with <|endoftext|>. With at least MIN_HELD_OUT_DOCUMENTS of them, whole
 documents, chosen by content hash, are held out for validation (about 10% of the text) and placed
 last, so the token file is still two contiguous parts and no document is split between them.

@@ -129,8 +129,7 @@ class ChunkEncoder:
         return [self.encode(run) for run in joined_runs(texts, self.RUN_CHARACTERS)]
 
     def encode(self, text: str) -> np.ndarray:
-        if self.table is None:
-            return np.array(encode(self.given, text), dtype=self.dtype)
+        """The ids of one text by table lookup (a character tokenizer's)."""
         if self.END_OF_TEXT_MARK in text:
             raise UserError("the text holds U+DFFF, half of a UTF-16 pair, which no tokenizer encodes: "
                             "read it with another --encoding")

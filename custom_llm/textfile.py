@@ -16,10 +16,10 @@ CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in 
 
 
 def check_text_file(path: str) -> None:
+    """One text file given by name (a folder is a set of documents, corpus.py) must be a readable,
+    non-empty regular file."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist: give the path of a text file with --dataset_path", 2)
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder: give the path of a text file with --dataset_path", 2)
     kind = not_a_regular_file(os.stat(path).st_mode)
     if kind:
         raise UserError(f"{path} is {kind}: give the path of a text file with --dataset_path", 2)
