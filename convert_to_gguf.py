@@ -18,7 +18,7 @@ import time
 
 from custom_llm import isolated
 from custom_llm.atomic import remove_stale_temporaries, staging
-from custom_llm.checks import check_export, held_out_tokens, held_out_windows
+from custom_llm.checks import HARD_STRINGS, check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
 from custom_llm.errors import UserError
@@ -28,7 +28,7 @@ from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fall
 from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
 from custom_llm.isolated import LlamaCrash
 from custom_llm.resources import human_bytes
-from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
+from custom_llm.tokenizer import encode, load_tokenizer
 
 # What --report quantizes to when --quant_type does not say: from near-lossless to 2-bit.
 REPORT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]

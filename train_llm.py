@@ -27,7 +27,7 @@ import torch
 
 from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
-from custom_llm.corpus import absolute_spec, parse_dataset_answer, spec_text
+from custom_llm.corpus import absolute_spec, find_documents, parse_dataset_answer, spec_text
 from custom_llm.data import check_split, prepare_dataset, random_offsets
 from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
@@ -43,7 +43,8 @@ from custom_llm.precision import choose_precision
 from custom_llm.progress import Progress
 from custom_llm.resources import peak_rss_bytes
 from custom_llm.schedule import RECIPES, EvaluationSchedule, TimeBudget, default_warmup, learning_rate_at
-from custom_llm.tokenizer import bpe_tokenizer_for, load_tokenizer, save_tokenizer, tokenizer_hash
+from custom_llm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
+from custom_llm.tokens_cache import bpe_tokenizer_for
 from custom_llm.training import (UNMEASURED, Clock, LoopState, Run, StepPlan, StopRequest, append_log,
                                  auto_batch_size, configure_torch, continue_log, estimate_loss, forward_backward,
                                  micro_batch_for, pick_device, plot_losses, restore, save_checkpoint, speed_estimate,
@@ -384,15 +385,15 @@ def load_text(args, plan, config, tokenizer, processes, say):
     them first and fills the cache; the other processes then read them from it."""
     started = time.time()
     with processes.main_first():
+        corpus = find_documents(plan["dataset_path"], args.encoding)   # once per run: every later step uses it
         if tokenizer is None and config.get("tokenizer") == "bpe":
             target = config.get("vocab_size_requested", config["vocab_size"])
-            tokenizer, cached = bpe_tokenizer_for(plan["dataset_path"], args.encoding, target)
+            tokenizer, cached = bpe_tokenizer_for(corpus, target)
             config["vocab_size_requested"] = target
             say(f"BPE tokenizer: {tokenizer.get_vocab_size()} tokens" +
                 (" (from the token cache)" if cached else f", trained in {time.time() - started:.1f}s"))
-        dataset = prepare_dataset(plan["dataset_path"], args.encoding, tokenizer)
+        dataset = prepare_dataset(corpus, tokenizer)
     check_split(dataset, config["block_size"], spec_text(plan["dataset_path"]))
-    corpus = dataset.corpus
     say(f"Text: {corpus.describe()}{dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
         f"{len(dataset.val):,} validation tokens" + ("" if corpus.single else f" ({corpus.validation_rule()})")
         + f", {dataset.characters_per_token:.2f} characters per token"

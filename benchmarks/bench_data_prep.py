@@ -30,9 +30,10 @@ from custom_llm.precision import cpu_summary  # noqa: E402
 PREPARE = """
 import sys, time
 sys.path.insert(0, {repo!r})
+from custom_llm.corpus import find_documents
 from custom_llm.data import prepare_dataset
 started = time.time()
-dataset = prepare_dataset({path!r})
+dataset = prepare_dataset(find_documents({path!r}))
 print(time.time() - started, len(dataset.tokens), dataset.tokens.nbytes, dataset.from_cache)
 """
 

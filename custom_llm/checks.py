@@ -7,11 +7,42 @@ import os
 import numpy as np
 
 from custom_llm import isolated
-from custom_llm.corpus import spec_exists
-from custom_llm.errors import UserError
+from custom_llm.corpus import find_documents, spec_exists
 from custom_llm.data import prepare_dataset
+from custom_llm.errors import UserError
 from custom_llm.evaluation import pytorch_logits
-from custom_llm.tokenizer import HARD_STRINGS, encode
+from custom_llm.tokenizer import encode
+
+# Strings on which Python and an export must agree id for id: empty, whitespace runs, \r\n, tabs,
+# emoji with joiners and skin tones, flags, combining marks, CJK, right-to-left scripts, NUL and
+# control bytes, look-alikes of special tokens, long runs. check_export tokenizes them both ways.
+HARD_STRINGS = [
+    "",
+    " ",
+    "   leading and trailing spaces   ",
+    "\n\n\n",
+    "line one\r\nline two\r\n",
+    "\ttabs\tand\t\tmore\t",
+    "Hello, World! 123 4567 3.14159",
+    "don't won't it's I'm you're",
+    "naïve café résumé Zürich",
+    "e\u0301 a\u0308 combining marks\u0336",
+    "日本語のテキストと中文文本",
+    "한국어 텍스트",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "Привет, мир",
+    "😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈",
+    "🇫🇷🇯🇵🇺🇸",
+    "\x00\x01\x02\x1b[31m bell\x07",
+    "<|endoftext|>",
+    "text <|endoftext|> more <|endoftext",
+    "<s></s>[INST]<unk>",
+    "a" * 300,
+    " " * 50 + "x",
+    "\u200b\u200d\ufeff zero width",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙",
+]
 
 
 def held_out_tokens(eval_text, config, tokenizer):
@@ -22,10 +53,10 @@ def held_out_tokens(eval_text, config, tokenizer):
         if not os.path.isfile(eval_text):
             raise UserError(f"--eval_text {eval_text} is not a file: give the path of a text "
                             "file to evaluate on", 2)
-        return prepare_dataset(eval_text, tokenizer=tokenizer).tokens.tolist(), eval_text
+        return prepare_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text
     spec = config.get("dataset_path")
     if spec and spec_exists(spec):  # the same validation tokens training used
-        dataset = prepare_dataset(spec, config.get("dataset_encoding", "utf-8"), tokenizer)
+        dataset = prepare_dataset(find_documents(spec, config.get("dataset_encoding", "utf-8")), tokenizer)
         return dataset.val.tolist(), dataset.val_source
     return None, None
 

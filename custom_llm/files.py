@@ -100,7 +100,9 @@ def load_checkpoint(path):
 
 
 def check_resume(checkpoint, config, tokenizer, dataset):
-    """A clear error naming what differs between the checkpoint and this run."""
+    """A clear error naming what differs between the checkpoint and this run. The text is
+    compared by content: the same files with the same content resume, wherever the run's folder
+    and its documents now are (and whatever key an older checkpoint gave them)."""
     for key in CONFIG_KEYS:
         if checkpoint["config"].get(key) != config.get(key):
             raise UserError(f"cannot resume: model config differs from the checkpoint's ({key} is "
@@ -108,6 +110,8 @@ def check_resume(checkpoint, config, tokenizer, dataset):
     if checkpoint["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise UserError("cannot resume: tokenizer.json differs from the one the checkpoint was trained with")
     if checkpoint["text_hash"] != dataset.text_hash:
-        changed = "" if dataset.corpus.single else changed_files(checkpoint.get("manifest"), dataset.corpus.manifest())
-        raise UserError(f"cannot resume: the text {spec_text(checkpoint['plan']['dataset_path'])} changed since "
-                        f"the checkpoint ({changed or 'its content hash differs'}); start a new run or use --init_from")
+        changed = None if dataset.corpus.single else changed_files(checkpoint.get("manifest"), dataset.corpus.manifest())
+        if changed != "":
+            raise UserError(f"cannot resume: the text {spec_text(checkpoint['plan']['dataset_path'])} changed since "
+                            f"the checkpoint ({changed or 'its content hash differs'}); start a new run or use "
+                            "--init_from")

@@ -1,9 +1,14 @@
-"""Reading a training text: checks, chunked decoding of a file of any size, and its content hash
-(the key of everything cached from it, cache.py)."""
+"""Reading a training text: checks, one read that hashes a document and says whether it is text,
+chunked decoding of a file of any size, and content hashes (the key of everything cached from a
+text, tokens_cache.py).
+
+Only regular files are read: a named pipe would block the reader forever, and a device may never
+end, so what a path stands for is checked (os.stat) before anything is opened."""
 
 import codecs
 import hashlib
 import os
+import stat
 
 from custom_llm.errors import UserError, cannot_read
 
@@ -11,10 +16,13 @@ CHUNK_BYTES = 1 << 20              # bytes read at a time: small chunks stay in 
 
 
 def check_text_file(path: str) -> None:
+    """One text file given by name (a folder is a set of documents, corpus.py) must be a readable,
+    non-empty regular file."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist: give the path of a text file with --dataset_path", 2)
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder: give the path of a text file with --dataset_path", 2)
+    kind = not_a_regular_file(os.stat(path).st_mode)
+    if kind:
+        raise UserError(f"{path} is {kind}: give the path of a text file with --dataset_path", 2)
     if not os.access(path, os.R_OK):
         raise UserError(f"{path} is not readable (permission denied): check its permissions")
     if os.path.getsize(path) == 0:
@@ -26,6 +34,15 @@ def codec(encoding: str):
         return codecs.lookup(encoding)
     except LookupError:
         raise UserError(f"unknown --encoding {encoding!r}", 2) from None
+
+
+def not_a_regular_file(mode: int) -> str:
+    """Why a file of this st_mode is not read ('not a regular file (a named pipe)'), or ''."""
+    if stat.S_ISREG(mode):
+        return ""
+    kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) \
+        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+    return f"not a regular file ({kind})"
 
 
 def looks_binary(first_block: bytes, codec_name: str) -> bool:
@@ -112,6 +129,34 @@ def _decode(decoder, data, final, path, encoding, offset):
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not valid {encoding}: bad byte at byte offset {offset + err.start}; "
                         "convert it to UTF-8 or pass --encoding (e.g. latin-1)") from None
+
+
+def inspect_text(path: str, encoding: str):
+    """(size in bytes, content hash, why it is not text or '') of a regular file, in one read:
+    binary (NUL bytes), not in the encoding, or empty."""
+    codec_name = codec(encoding).name
+    digest = hashlib.blake2b(digest_size=16)
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    size, skipped = 0, ""
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                if size == 0 and looks_binary(block, codec_name):
+                    skipped = "a binary file (it has NUL bytes)"
+                digest.update(block)
+                if not skipped:
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError as err:
+                        skipped = f"not valid {encoding} (bad byte at byte offset {size + err.start})"
+                size += len(block)
+        if not skipped:
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        skipped = f"not valid {encoding} (it ends inside a character)"
+    except OSError as err:
+        raise cannot_read(path, err) from None
+    return size, digest.hexdigest(), skipped or ("" if size else "empty")
 
 
 def file_hash(path: str) -> str:

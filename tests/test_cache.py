@@ -6,12 +6,13 @@ import os
 import subprocess
 
 import pytest
-from conftest import TINY, make_text, run_script
+from conftest import TINY, make_text, prepare, run_script
 
 import custom_llm.cache as cache
-import custom_llm.data as data
 from custom_llm.precision import cache_file
-from custom_llm.tokenizer import bpe_tokenizer_for, encode
+from custom_llm.corpus import find_documents
+from custom_llm.tokenizer import encode
+from custom_llm.tokens_cache import bpe_tokenizer_for
 
 
 def write_text(folder, name="t.txt", seed=0, n=200):
@@ -38,16 +39,16 @@ def corrupt_in_place(path):
 def test_a_token_file_corrupted_at_the_same_size_is_rebuilt(tmp_path):
     path = write_text(tmp_path)
     text = path.read_text(encoding="utf-8")
-    first = data.prepare_dataset(str(path))
+    first = prepare(str(path))
     [tokens_file] = cached(tmp_path / ".token_cache", ".tokens")
     size = tokens_file.stat().st_size
     del first
     corrupt_in_place(tokens_file)
     assert tokens_file.stat().st_size == size
-    second = data.prepare_dataset(str(path))
+    second = prepare(str(path))
     assert not second.from_cache and "do not match their saved hash" in " ".join(second.notes)
     assert second.tokens.tolist() == encode(second.tokenizer, text)
-    third = data.prepare_dataset(str(path))
+    third = prepare(str(path))
     assert third.from_cache and third.tokens.tolist() == second.tokens.tolist()
 
 
@@ -55,7 +56,7 @@ def test_a_token_file_corrupted_at_the_same_size_is_rebuilt(tmp_path):
 def test_a_corrupted_cached_tokenizer_or_token_count_is_not_used(tmp_path, suffix):
     path = write_text(tmp_path)
     text = path.read_text(encoding="utf-8")
-    data.prepare_dataset(str(path))
+    prepare(str(path))
     victims = [p for p in cached(tmp_path / ".token_cache", suffix) if p.name.endswith(".tokenizer.json") ==
                (suffix == ".tokenizer.json")]
     for victim in victims:
@@ -65,18 +66,18 @@ def test_a_corrupted_cached_tokenizer_or_token_count_is_not_used(tmp_path, suffi
         changed = content[:at] + content[at:].replace("1", "2", 1)
         assert changed != content and len(changed) == len(content)
         victim.write_text(changed, encoding="utf-8")
-    again = data.prepare_dataset(str(path))
+    again = prepare(str(path))
     assert not again.from_cache
     assert again.tokens.tolist() == encode(again.tokenizer, text)
 
 
 def test_a_corrupted_cached_bpe_tokenizer_is_trained_again(tmp_path):
     path = write_text(tmp_path, n=400)
-    tokenizer, from_cache = bpe_tokenizer_for(str(path), "utf-8", 400)
-    assert not from_cache and bpe_tokenizer_for(str(path), "utf-8", 400)[1]
+    tokenizer, from_cache = bpe_tokenizer_for(find_documents(str(path)), 400)
+    assert not from_cache and bpe_tokenizer_for(find_documents(str(path)), 400)[1]
     [saved] = cached(tmp_path / ".token_cache", ".bpe400.tokenizer.json")
     corrupt_in_place(saved)
-    again, from_cache = bpe_tokenizer_for(str(path), "utf-8", 400)
+    again, from_cache = bpe_tokenizer_for(find_documents(str(path)), 400)
     assert not from_cache and again.to_str() == tokenizer.to_str()
 
 
@@ -116,12 +117,12 @@ def test_a_read_only_text_folder_caches_in_the_user_folder(tmp_path, monkeypatch
     mine = tmp_path / "user-cache" / "custom-llm-scripts" / "tokens"
     with read_only_folder(tmp_path / "texts", monkeypatch) as (path, _):
         text = path.read_text(encoding="utf-8")
-        first = data.prepare_dataset(str(path))
+        first = prepare(str(path))
         assert first.notes == [f"note: {path.parent} cannot be written, so the token cache is in {mine} "
                                "(at most 4 GB; the texts used longest ago are removed first)"]
         assert first.tokens.tolist() == encode(first.tokenizer, text)
         assert cached(mine, ".tokens") and not (path.parent / ".token_cache").exists()
-        second = data.prepare_dataset(str(path))
+        second = prepare(str(path))
         assert second.from_cache and second.tokens.tolist() == first.tokens.tolist()
     assert os.path.dirname(cache_file()) == str(tmp_path / "user-cache" / "custom-llm-scripts")  # one base folder
 
@@ -148,7 +149,7 @@ def test_the_user_cache_keeps_under_its_cap(tmp_path, monkeypatch):
     hashes = []
     for seed in range(4):
         with read_only_folder(tmp_path / f"texts{seed}", monkeypatch, text_seed=seed) as (path, _):
-            hashes.append(data.prepare_dataset(str(path)).text_hash)
+            hashes.append(prepare(str(path)).text_hash)
         if seed == 0:   # room for two texts' entries, not three
             entry = sum(p.stat().st_size for p in mine.iterdir())
             monkeypatch.setattr(cache, "CACHE_CAP_BYTES", int(2.5 * entry))

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO, TINY, Terminal, assert_same_greedy_text, make_text, one_line_error, run_script
+from conftest import REPO, TINY, Terminal, assert_same_greedy_text, make_text, one_line_error, prepare, run_script
 
-import custom_llm.data as data
 import custom_llm.textfile as textfile
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, encode, load_tokenizer
@@ -41,7 +40,7 @@ def test_end_of_text_separators_through_the_gguf(tmp_path):
     ids = encode(tokenizer, text)
     assert ids.count(eot) == len(documents) - 1
     # The training tokens are the text's, separators included; llama.cpp reads the text the same way.
-    assert data.prepare_dataset(str(text_path)).tokens.tolist() == ids
+    assert prepare(str(text_path)).tokens.tolist() == ids
     assert GGUFModel(str(tmp_path / "model.gguf")).tokenize(text) == ids
     for prompt in [documents[1][-60:] + END_OF_TEXT, "Seven apples." + END_OF_TEXT + "The", END_OF_TEXT]:
         assert_same_greedy_text(tmp_path, prompt, 100)
@@ -81,7 +80,7 @@ def test_one_enormous_line_without_spaces_is_cut_between_characters(tmp_path, mo
     cuts = []
     real_cut = textfile._cut_between_characters
     monkeypatch.setattr(textfile, "_cut_between_characters", lambda b: cuts.append(1) or real_cut(b))
-    dataset = data.prepare_dataset(str(path))
+    dataset = prepare(str(path))
     assert len(cuts) > 20
     assert dataset.tokens.tolist() == encode(dataset.tokenizer, text)
     monkeypatch.undo()
@@ -96,7 +95,7 @@ def test_one_enormous_line_without_spaces_is_cut_between_characters(tmp_path, mo
     assert run_script("convert_to_gguf.py", cwd=work).returncode == 0
     tokenizer = load_tokenizer(str(work / "tokenizer.json"))
     ids = encode(tokenizer, text)
-    assert data.prepare_dataset(str(path)).tokens.tolist() == ids    # what training read
+    assert prepare(str(path)).tokens.tolist() == ids    # what training read
     assert GGUFModel(str(work / "model.gguf")).tokenize(text) == ids
     assert_same_greedy_text(work, text[:40], 100)
 
@@ -151,7 +150,7 @@ def test_token_files_of_a_vocabulary_beyond_16_bits(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(text * 3, encoding="utf-8")
     for attempt in range(2):
-        dataset = data.prepare_dataset(str(path), tokenizer=tokenizer)
+        dataset = prepare(str(path), tokenizer=tokenizer)
         assert dataset.from_cache == bool(attempt)
         assert dataset.tokens.dtype == np.uint32 and int(dataset.tokens.max()) > 65_535
         assert dataset.tokens.tolist() == encode(tokenizer, text * 3)

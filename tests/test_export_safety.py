@@ -17,12 +17,12 @@ import convert_to_gguf
 import custom_llm.atomic as atomic
 import custom_llm.export as export
 import custom_llm.isolated as isolated
-import custom_llm.isolated as isolated
+from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
 from custom_llm.export import HFExport, block_size, fallback_tensors, quantize_atomic, tensor_types, write_gguf_atomic
 from custom_llm.model import GPTLanguageModel
 from custom_llm.runtime import GGUFModel
-from custom_llm.tokenizer import HARD_STRINGS, build_char_tokenizer, encode
+from custom_llm.tokenizer import build_char_tokenizer, encode
 
 EXPORTS = ["hf_model", "model.gguf", "model.gguf.Q4_0.gguf"]
 

@@ -3,7 +3,6 @@ read says why (permissions, a folder), never that it is damaged."""
 
 import builtins
 import os
-import sys
 
 import pytest
 from conftest import one_line_error, run_script

@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_text, one_line_error, run_script
+from conftest import TINY, make_text, one_line_error, prepare, run_script
 
 import custom_llm.data as data
 from custom_llm.corpus import MIN_HELD_OUT_DOCUMENTS, find_documents, parse_dataset_answer
-from custom_llm.tokenizer import END_OF_TEXT, bpe_tokenizer_for, decode, encode
+from custom_llm.tokenizer import END_OF_TEXT, decode, encode
+from custom_llm.tokens_cache import bpe_tokenizer_for
 
 QUICK = ["--max_steps", 4, "--batch_size", 8, "--eval_interval", 2, "--eval_batches", 2, "-y"]
 
@@ -80,7 +81,7 @@ def test_several_paths_and_a_glob(tmp_path, monkeypatch):
 
 def test_documents_are_joined_by_end_of_text(tmp_path):
     texts = documents(tmp_path / "few", 3)
-    dataset = data.prepare_dataset(str(tmp_path / "few"))
+    dataset = prepare(str(tmp_path / "few"))
     order = [d.path for d in dataset.corpus.documents]
     assert order == sorted(str(p) for p in texts)
     tokenizer, eot = dataset.tokenizer, dataset.tokenizer.token_to_id(END_OF_TEXT)
@@ -95,7 +96,7 @@ def test_documents_are_joined_by_end_of_text(tmp_path):
 
 def test_validation_is_whole_documents_chosen_by_content(tmp_path):
     texts = documents(tmp_path / "many", 24)
-    dataset = data.prepare_dataset(str(tmp_path / "many"))
+    dataset = prepare(str(tmp_path / "many"))
     tokenizer, eot = dataset.tokenizer, dataset.tokenizer.token_to_id(END_OF_TEXT)
     held_out = [d.path for d in dataset.corpus.held_out]
     training = [d.path for d in dataset.corpus.documents if not d.held_out]
@@ -107,14 +108,14 @@ def test_validation_is_whole_documents_chosen_by_content(tmp_path):
     assert split_at_end_of_text(dataset.val.tolist(), tokenizer) == [texts[tmp_path / p] for p in held_out]
     assert 0.05 < len(dataset.val) / len(dataset.tokens) < 0.2
     # The same choice every time, from the cache too.
-    again = data.prepare_dataset(str(tmp_path / "many"))
+    again = prepare(str(tmp_path / "many"))
     assert again.from_cache and [d.path for d in again.corpus.held_out] == held_out
     assert again.n_val == dataset.n_val
 
 
 def test_one_file_keeps_the_last_ten_percent(tmp_path):
     path = write(tmp_path / "one.txt", make_text(300))
-    dataset = data.prepare_dataset(str(path))
+    dataset = prepare(str(path))
     assert dataset.corpus.single and dataset.corpus.key == dataset.text_hash
     assert len(dataset.val) == int(len(dataset.tokens) * data.VALIDATION_FRACTION)
     assert dataset.val_source == f"the last 10% of {path}"
@@ -128,7 +129,7 @@ def test_binary_and_wrongly_encoded_files_are_skipped_with_a_note_each(tmp_path)
     (folder / "photo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
     (folder / "latin1.md").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
     (folder / "empty.txt").write_bytes(b"")
-    dataset = data.prepare_dataset(str(folder))
+    dataset = prepare(str(folder))
     assert len(dataset.corpus.documents) == 3
     assert dataset.notes == [f"note: skipped {folder / 'empty.txt'}, which is empty",
                              f"note: skipped {folder / 'latin1.md'}, which is not valid utf-8 (bad byte at byte "
@@ -136,7 +137,7 @@ def test_binary_and_wrongly_encoded_files_are_skipped_with_a_note_each(tmp_path)
                              f"note: skipped {folder / 'photo.txt'}, which is a binary file (it has NUL bytes)"]
     assert all("au lait" not in piece for piece in split_at_end_of_text(dataset.tokens.tolist(), dataset.tokenizer))
     # In latin-1 the same file is text (the binary one still is not).
-    latin = data.prepare_dataset(str(folder), encoding="latin-1")
+    latin = prepare(str(folder), encoding="latin-1")
     assert len(latin.corpus.documents) == 4 and [d.path for d in latin.corpus.skipped] == \
         [str(folder / "empty.txt"), str(folder / "photo.txt")]
 
@@ -173,8 +174,8 @@ def test_paths_that_name_no_text_are_one_line_errors(tmp_path):
 def test_the_cache_is_keyed_by_the_manifest(tmp_path):
     folder = tmp_path / "docs"
     texts = documents(folder, 12)
-    first = data.prepare_dataset(str(folder))
-    assert not first.from_cache and data.prepare_dataset(str(folder)).from_cache
+    first = prepare(str(folder))
+    assert not first.from_cache and prepare(str(folder)).from_cache
     path = sorted(texts)[5]
     changes = [lambda: path.write_text(texts[path] + "one more line\n", encoding="utf-8"),   # changed
                lambda: write(folder / "new" / "added.md", make_text(30, seed=99)),          # added
@@ -182,20 +183,20 @@ def test_the_cache_is_keyed_by_the_manifest(tmp_path):
     keys = {first.text_hash}
     for change in changes:
         change()
-        dataset = data.prepare_dataset(str(folder))
+        dataset = prepare(str(folder))
         assert not dataset.from_cache and dataset.text_hash not in keys
         keys.add(dataset.text_hash)
-        assert data.prepare_dataset(str(folder)).from_cache
+        assert prepare(str(folder)).from_cache
 
 
 def test_the_bpe_tokenizer_is_trained_on_every_document(tmp_path):
     folder = tmp_path / "docs"
     documents(folder, 4)
     write(folder / "zz" / "rare.md", "zyxwvutsrq qponmlkjih\n" * 200)
-    tokenizer, from_cache = bpe_tokenizer_for(str(folder), "utf-8", 400)
+    tokenizer, from_cache = bpe_tokenizer_for(find_documents(str(folder)), 400)
     assert not from_cache and len(encode(tokenizer, "zyxwvutsrq")) <= 2   # learned from one file only
-    assert bpe_tokenizer_for(str(folder), "utf-8", 400)[1]
-    dataset = data.prepare_dataset(str(folder), tokenizer=tokenizer)
+    assert bpe_tokenizer_for(find_documents(str(folder)), 400)[1]
+    dataset = prepare(str(folder), tokenizer=tokenizer)
     assert dataset.tokens.tolist().count(tokenizer.token_to_id(END_OF_TEXT)) == 4
 
 
@@ -229,3 +230,37 @@ def test_train_on_a_folder_then_export(tmp_path):
     line = one_line_error(run_script("train_llm.py", "--resume", cwd=work))
     assert f"changed since the checkpoint ({held_out[0]} changed)" in line
     assert torch.load(work / "checkpoint.pth", weights_only=True)["manifest"]["key"] == manifest["key"]
+
+
+def test_a_run_moved_with_its_documents_resumes_and_a_changed_file_is_named(tmp_path):
+    first_place, second_place = tmp_path / "A", tmp_path / "B"
+    texts = documents(first_place / "notes", 12)
+    assert run_script("llm_model.py", *TINY, "-y", cwd=first_place).returncode == 0
+    first = run_script("train_llm.py", "--dataset_path", "notes", *QUICK, cwd=first_place)
+    assert first.returncode == 0, first.stderr
+    os.rename(first_place, second_place)   # the run's folder and its documents, moved together
+    (second_place / "dataset_manifest.json").unlink()   # derived from the documents: written again
+    resumed = run_script("train_llm.py", "--resume", cwd=second_place)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from checkpoint.pth at step 4" in resumed.stdout
+    assert "(from the token cache)" in resumed.stdout   # the cache's key moved with the documents too
+    checkpoint = torch.load(second_place / "checkpoint.pth", weights_only=True)
+    assert json.loads((second_place / "dataset_manifest.json").read_text())["key"] == checkpoint["text_hash"]
+    # A checkpoint whose key was made another way (before, from absolute paths): the content decides.
+    torch.save({**checkpoint, "text_hash": "0" * 32}, second_place / "checkpoint.pth")
+    again = run_script("train_llm.py", "--resume", cwd=second_place)
+    assert again.returncode == 0, again.stderr
+    # A changed, added or removed document is still named.
+    path = second_place / sorted(texts)[3].relative_to(first_place)
+    name = str(path.relative_to(second_place))
+    path.write_text(texts[sorted(texts)[3]] + "one more line\n", encoding="utf-8")
+    assert f"changed since the checkpoint ({name} changed)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))
+    path.write_text(texts[sorted(texts)[3]], encoding="utf-8")
+    write(second_place / "notes" / "new.md", make_text(30, seed=99))
+    assert "changed since the checkpoint (notes/new.md added)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))
+    (second_place / "notes" / "new.md").unlink()
+    path.unlink()
+    assert f"changed since the checkpoint ({name} removed)" in \
+        one_line_error(run_script("train_llm.py", "--resume", cwd=second_place))

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, Terminal, one_line_error, run_script
+from conftest import REPO, Terminal, one_line_error, prepare, run_script
 from hypothesis import given, settings as hsettings, strategies as st
 
-from custom_llm.data import VALIDATION_FRACTION, prepare_dataset
+from custom_llm.data import VALIDATION_FRACTION
 from custom_llm.export import write_gguf_atomic
 from custom_llm.generation import Sampler, Settings, StopStrings, apply_command
 from custom_llm.runtime import GGUFModel
@@ -312,7 +312,7 @@ def test_report_numbers_match_a_direct_computation(trained, text_file):
     config = load_config(str(folder / "model_config.pth"))
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
-    held_out = prepare_dataset(str(text_file), tokenizer=tokenizer).val  # what training held out
+    held_out = prepare(str(text_file), tokenizer=tokenizer).val  # what training held out
     assert len(held_out) == int(len(encode(tokenizer, text_file.read_text(encoding="utf-8"))) * VALIDATION_FRACTION)
     tokens = held_out.tolist()[:3000]
     block = config["block_size"]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY, assert_same_greedy_text, make_text, one_line_error, run_script
 
+from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
 from custom_llm.gpt2 import load_gpt2_model, load_gpt2_tokenizer, read_gpt2_folder
 from custom_llm.runtime import GGUFModel
-from custom_llm.tokenizer import END_OF_TEXT, HARD_STRINGS, encode, load_tokenizer
+from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer
 
 FINE_TUNE = ["--max_steps", "30", "--batch_size", "8", "--eval_interval", "10", "-y"]
 

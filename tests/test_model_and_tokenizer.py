@@ -9,11 +9,12 @@ from conftest import make_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from custom_llm.checks import HARD_STRINGS
+from custom_llm.encoder import char_lookup_table
 from custom_llm.export import write_gguf_atomic
 from custom_llm.generation import Sampler, Settings
 from custom_llm.runtime import GGUFModel
-from custom_llm.tokenizer import (BYTE_SYMBOLS, END_OF_TEXT, HARD_STRINGS, build_char_tokenizer, decode,
-                                  char_lookup_table, encode, train_bpe_tokenizer)
+from custom_llm.tokenizer import BYTE_SYMBOLS, END_OF_TEXT, build_char_tokenizer, decode, encode, train_bpe_tokenizer
 from custom_llm.context import fit_prompt, slide
 from custom_llm.model import GPTLanguageModel, KVCache, count_parameters
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import TINY, Terminal, one_line_error, run_script
 
+from custom_llm.checks import HARD_STRINGS
 from custom_llm.export import FORMATS, quantize_atomic, write_gguf_atomic
 from custom_llm.runtime import GGUFModel
-from custom_llm.tokenizer import HARD_STRINGS, encode, load_tokenizer
+from custom_llm.tokenizer import encode, load_tokenizer
 from custom_llm.files import load_config, load_trained_model
 from llm_model import GPTLanguageModel  # as the README shows
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, make_text, one_line_error, run_script
+from conftest import REPO, TINY, make_text, one_line_error, prepare, run_script
 
 import custom_llm.data as data
 import custom_llm.textfile as textfile
@@ -121,7 +121,7 @@ def test_chunked_preparation_equals_whole_text_encoding(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     monkeypatch.setattr(textfile, "CHUNK_BYTES", 97)  # chunk edges fall inside multi-byte characters
-    dataset = data.prepare_dataset(str(path))
+    dataset = prepare(str(path))
     assert not dataset.from_cache
     assert dataset.tokens.dtype == np.uint16
     assert dataset.tokens.tolist() == encode(dataset.tokenizer, text)
@@ -136,21 +136,21 @@ def test_chunked_bpe_encoding_equals_whole_text_encoding(tmp_path, monkeypatch):
     path.write_text(text, encoding="utf-8")
     tokenizer = train_bpe_tokenizer(iter([text]), 500)
     monkeypatch.setattr(textfile, "CHUNK_BYTES", 211)  # cuts land near whitespace runs
-    dataset = data.prepare_dataset(str(path), tokenizer=tokenizer)
+    dataset = prepare(str(path), tokenizer=tokenizer)
     assert dataset.tokens.tolist() == encode(tokenizer, text)
 
 
 def test_token_cache_is_used_and_invalidated(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text(make_text(200), encoding="utf-8")
-    first = data.prepare_dataset(str(path))
-    second = data.prepare_dataset(str(path))
+    first = prepare(str(path))
+    second = prepare(str(path))
     assert second.from_cache and np.array_equal(first.tokens, second.tokens)
     other_tokenizer = build_char_tokenizer(sorted(set("abc")))     # a different tokenizer: a new cache entry
-    third = data.prepare_dataset(str(path), tokenizer=other_tokenizer)
+    third = prepare(str(path), tokenizer=other_tokenizer)
     assert not third.from_cache and third.tokens.tolist() == encode(other_tokenizer, path.read_text())
     path.write_text(make_text(200, seed=1), encoding="utf-8")  # the text changed: prepared again
-    fourth = data.prepare_dataset(str(path))
+    fourth = prepare(str(path))
     assert not fourth.from_cache and fourth.tokens.tolist() == encode(fourth.tokenizer, path.read_text())
 
 
@@ -160,7 +160,7 @@ def test_bad_bytes_are_reported_with_their_offset(tmp_path, monkeypatch):
     path.write_bytes("héllo wörld, ".encode() * 5 + b"\xff" + b" tail")
     offset = len("héllo wörld, ".encode() * 5)
     with pytest.raises(UserError, match=f"byte offset {offset}"):
-        data.prepare_dataset(str(path))
+        prepare(str(path))
 
 
 def test_batches_are_shifted_windows_from_anywhere():
@@ -479,7 +479,7 @@ def test_one_enormous_line(tmp_path, monkeypatch):
     text = ("word ünïcode 日本 🙂 " * 2000).strip()  # no newline at all, chunks cut between characters
     path = tmp_path / "line.txt"
     path.write_text(text, encoding="utf-8")
-    dataset = data.prepare_dataset(str(path))
+    dataset = prepare(str(path))
     assert dataset.tokens.tolist() == encode(dataset.tokenizer, text)
 
 
@@ -488,7 +488,7 @@ def test_unreadable_text(tmp_path, monkeypatch):
     path.write_text("some text\n" * 100)
     monkeypatch.setattr(textfile.os, "access", lambda *a: False)  # as root, permissions never refuse
     with pytest.raises(UserError, match="secret.txt is not readable"):
-        data.prepare_dataset(str(path))
+        prepare(str(path))
 
 
 def test_missing_model_files_say_which_stage_to_run(tmp_path):
