@@ -92,12 +92,14 @@ def test_one_enormous_line_without_spaces_is_cut_between_characters(tmp_path, mo
     trained = run_with_small_chunks("train_llm.py", "--dataset_path", path, *TRAIN, cwd=work)
     assert trained.returncode == 0, trained.stderr
     assert int(trained.stderr.rsplit("cuts between characters: ", 1)[1]) > 20
-    assert run_script("convert_to_gguf.py", cwd=work).returncode == 0
+    assert run_script("convert_to_gguf.py", "--quant_type", "F32", cwd=work).returncode == 0
     tokenizer = load_tokenizer(str(work / "tokenizer.json"))
     ids = encode(tokenizer, text)
     assert prepare(str(path)).tokens.tolist() == ids    # what training read
     assert GGUFModel(str(work / "model.gguf")).tokenize(text) == ids
-    assert_same_greedy_text(work, text[:40], 100)
+    # Greedy text is compared on the F32 file: F16's rounding can flip a near-tie between two
+    # tokens (it did at token 30 of 100 here, on an Intel Xeon with AMX: 99.2% next-token agreement).
+    assert_same_greedy_text(work, text[:40], 100, gguf="model.gguf.F32.gguf")
 
 
 # --------------------------------------------------------------------------- BPE
