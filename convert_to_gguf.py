@@ -122,7 +122,7 @@ def main():
     if show_report:
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
-    say(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
+    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
 
 
 def shown(path: str, folder: bool) -> str:

@@ -126,7 +126,7 @@ def describe(settings: Settings) -> str:
 
 def command_help() -> str:
     lines = [f"  /{k.command} {_metavar(k)}".ljust(26) + k.help
-             + (" ('off' to turn off)" if k.can_be_off else "") for k in KNOBS]
+             + (" (or 'off')" if k.can_be_off else "") for k in KNOBS]
     lines += ["  /stop".ljust(26) + "clear the stop strings",
               "  /settings".ljust(26) + "show the current settings",
               "  /help".ljust(26) + "this list",

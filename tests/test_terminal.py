@@ -197,7 +197,7 @@ def test_settings_use_the_words_of_help():
     s = Settings()
     shown = describe(s)
     assert "top_k off" in shown and "top_p off" in shown and "seed off" in shown and "None" not in shown
-    assert "'off' to turn off" in command_help()
+    assert "(or 'off')" in command_help()
     apply_command(s, "top_k", "40")
     apply_command(s, "stop", r"\n\n")
     assert "top_k 40" in describe(s) and "stop '\\n\\n'" in describe(s)
