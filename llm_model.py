@@ -37,7 +37,7 @@ def questions():
         return None
 
     return [
-        Question("tokenizer", "Tokenizer: char (one per character) or bpe (learned from your text)",
+        Question("tokenizer", "Tokenizer: char (per character) or bpe (learned from your text)",
                  "char", tokenizer_kind),
         Question("vocab_size", "BPE vocabulary size (tokens to learn from your text)", 10000,
                  not_applicable=only_for_bpe),

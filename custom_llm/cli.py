@@ -9,7 +9,9 @@ from typing import Any, Callable, Optional
 
 from custom_llm.errors import UserError
 from custom_llm.flags import NUMBERS
-from custom_llm.terminal import say, wrap_for
+from custom_llm.terminal import say, width_of, wrap
+
+ANSWER_ROOM = 8   # columns a question's last line leaves free for a typed answer
 
 
 def run(main: Callable[[], None]) -> None:
@@ -141,7 +143,8 @@ def ask(title: str, questions, args) -> dict:
         while True:
             prompt = f"  {q.prompt} [{q.default}]: "
             if interactive:   # a long question: its first lines printed, the last one is input()'s
-                *first_lines, last_line = wrap_for(sys.stdout, prompt.rstrip()).split("\n")
+                width = width_of(sys.stdout)
+                *first_lines, last_line = wrap(prompt.rstrip(), width and width - ANSWER_ROOM).split("\n")
                 prompt = last_line + " "
                 for line in first_lines:
                     print(line)
