@@ -51,24 +51,20 @@ def progress_line(step: int, total: Optional[int], loss: float, tokens_per_s: fl
     MIN_BAR cells is taken; the bar gets the rest of the line. total None: not known yet, no bar."""
     usable = width - 1
     count = f"{step}/{total}" if total else f"step {step}"
-    left = f"{clock(seconds_left)} left"
-    wordings = [  # (before the bar, after the bar)
-        (f"{count} {100 * step / total:3.0f}% " if total else "", f" loss {loss:.4f}, {tokens_per_s:,.0f} tok/s, {left}"),
-        (f"{count} " if total else "", f" loss {loss:.4f}, {short_count(tokens_per_s)} tok/s, {left}"),
-        (f"{count} " if total else "", f" loss {loss:.3f} {short_count(tokens_per_s)} tok/s {left}"),
-        (f"{count} " if total else "", f" {loss:.3f} {short_count(tokens_per_s)}/s {clock(seconds_left)}"),
-    ]
+    left, tokens = f"{clock(seconds_left)} left", short_count(tokens_per_s)
+    after_bar = [f" loss {loss:.4f}, {tokens_per_s:,.0f} tok/s, {left}",   # from the widest wording...
+                 f" loss {loss:.4f}, {tokens} tok/s, {left}",
+                 f" loss {loss:.3f} {tokens} tok/s {left}",
+                 f" {loss:.3f} {tokens}/s {clock(seconds_left)}"]           # ...to the narrowest
+    narrowest = (count + after_bar[-1])[:usable]   # narrower than any wording with a bar: cut to fit
     if not total:
-        for _, after in wordings:
-            if len(count) + len(after) <= usable:
-                return count + after
-        return (count + wordings[-1][1])[:usable]
-    for before, after in wordings:
-        cells = usable - len(before) - len(after) - 2
+        return next((count + words for words in after_bar if len(count + words) <= usable), narrowest)
+    percent = f" {100 * step / total:3.0f}%"
+    for before, words in [(count + percent, after_bar[0])] + [(count, words) for words in after_bar[1:]]:
+        cells = usable - len(before) - len(" ||") - len(words)
         if cells >= MIN_BAR:
-            return f"{before}|{bar_cells(step / total, cells, unicode)}|{after}"
-    # Narrower than any wording with a bar: the words alone, cut to the width.
-    return (count + wordings[-1][1])[:usable]
+            return f"{before} |{bar_cells(step / total, cells, unicode)}|{words}"
+    return narrowest
 
 
 class Progress:

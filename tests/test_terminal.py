@@ -21,7 +21,8 @@ from custom_llm.terminal import display_width, say, wrap, wrap_for
 
 WIDTHS = [60, 80, 120]
 # (step, total, loss, tokens/s, seconds left): an ordinary run, and one with every number at its widest.
-RUNS = [(197, 1100, 1.1540, 45580.0, 162.0), (12345, 100000, 10.1234, 1234567.0, 36000.0), (0, 5, float("nan"), 0.0, 0.0)]
+RUNS = [(197, 1100, 1.1540, 45580.0, 162.0), (12345, 100000, 10.1234, 1234567.0, 36000.0),
+        (0, 5, float("nan"), 0.0, 0.0)]
 TINY_MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--dropout", "0"]
 
 
