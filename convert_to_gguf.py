@@ -28,6 +28,7 @@ from custom_llm.export import (FORMATS, GGUF, block_size, check_quant_type, fall
 from custom_llm.files import check_tokenizer_fits, load_config, load_trained_model
 from custom_llm.isolated import LlamaCrash
 from custom_llm.resources import human_bytes
+from custom_llm.terminal import say
 from custom_llm.tokenizer import encode, load_tokenizer
 
 # What --report quantizes to when --quant_type does not say: from near-lossless to 2-bit.
@@ -84,7 +85,7 @@ def main():
         raise UserError("the report needs held-out text, and the training text recorded in the config "
                         f"({spec_text(config.get('dataset_path') or '')}) is not there: pass --eval_text FILE", 2)
     else:
-        print("note: training text not found; checking logits on the built-in test strings instead")
+        say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
 
     # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
@@ -102,7 +103,7 @@ def main():
             with stage.path(path, folder=export_format.folder) as tmp:
                 export_format.write(model, tokenizer, tmp)
             written.append((export_format, path, tmp, export_format.tolerance))
-            print(f"Wrote {shown(path, export_format.folder)} ({export_format.description})")
+            say(f"Wrote {shown(path, export_format.folder)} ({export_format.description})")
         with stage.path(source, scratch=True) as f32:
             write_gguf(model, tokenizer, f32, "F32")
         for quant_type, path in quantized.items():
@@ -111,7 +112,7 @@ def main():
             report_written(path, tmp, quant_type, config)
             written.append((GGUF, path, tmp, None))   # quantized: no tolerance, a report
         os.remove(f32)
-        print(f"Export took {time.time() - started:.1f}s")
+        say(f"Export took {time.time() - started:.1f}s")
 
         # Check what was written against the PyTorch model.
         failures = []
@@ -122,7 +123,7 @@ def main():
     if show_report:
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
-    print(f"Done. Try it: python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
+    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
 
 
 def shown(path: str, folder: bool) -> str:
@@ -135,10 +136,10 @@ def check_and_say(export_format, path, written, tolerance, model, tokenizer, win
     try:
         r = check_export(export_format, written, model, tokenizer, windows)
     except LlamaCrash as crash:
-        print(f"Check {shown(path, export_format.folder)}: {crash}")
+        say(f"Check {shown(path, export_format.folder)}: {crash}")
         return [f"{crash} while checking {path}"]
     n_hard = len(HARD_STRINGS)
-    print(f"Check {shown(path, export_format.folder)}: {human_bytes(r['size'])}"
+    say(f"Check {shown(path, export_format.folder)}: {human_bytes(r['size'])}"
           + (f", {r['bpw']:.2f} bits/weight" if r["bpw"] is not None else "")
           + f", tokenization {r['tokens_agree']}/{n_hard} strings equal, "
           f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}")
@@ -158,11 +159,11 @@ def report_written(path, written, quant_type, config):
     counts = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
-    print(f"Wrote {path} ({quant_type}; tensor types: "
+    say(f"Wrote {path} ({quant_type}; tensor types: "
           + ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ")")
     fallbacks = fallback_tensors(written, quant_type)
     if fallbacks:
-        print(f"note: {len(fallbacks)} weight matrices have rows that do not divide into {quant_type}'s blocks of "
+        say(f"note: {len(fallbacks)} weight matrices have rows that do not divide into {quant_type}'s blocks of "
               f"{block_size(quant_type)} values, so llama.cpp gave them "
               f"{', '.join(sorted(set(fallbacks.values())))} instead (n_embd {config['n_embd']}; "
               "a multiple of 256 avoids this)")
@@ -173,7 +174,7 @@ def print_report(model, eval_tokens, eval_source, args, files):
     each file's likeliest next token is PyTorch's."""
     windows = evaluation_windows(eval_tokens, model.block_size, args.eval_tokens)
     n_predicted = sum(len(targets) for _, targets in windows)
-    print(f"\nWhat quantization costs, on {n_predicted:,} tokens of {eval_source} "
+    say(f"\nWhat quantization costs, on {n_predicted:,} tokens of {eval_source} "
           f"({len(windows)} windows of {model.block_size} tokens, not overlapping):")
     started = time.time()
     reference = score(pytorch_logits(model), windows)
@@ -190,7 +191,7 @@ def print_report(model, eval_tokens, eval_source, args, files):
                      "perplexity": scores.perplexity, "ratio": scores.perplexity / reference.perplexity,
                      "agreement": scores.agreement(reference)})
     print(report_table(rows))
-    print(f"(evaluated in {time.time() - started:.1f}s)")
+    say(f"(evaluated in {time.time() - started:.1f}s)")
 
 
 if __name__ == "__main__":

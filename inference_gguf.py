@@ -13,18 +13,19 @@ import json
 import os
 import sys
 
+from custom_llm import terminal
 from custom_llm.cli import ArgumentParser, run
+from custom_llm.commands import add_setting_flags, apply_command, command_help, describe, settings_from_flags
 from custom_llm.errors import UserError
-from custom_llm.generation import (Sampler, Settings, add_setting_flags, apply_command, command_help,
-                                   describe, settings_from_flags, stream)
 from custom_llm.resources import ResourceUse, human_bytes
 from custom_llm.runtime import GGUFModel, gpu_offload_supported
+from custom_llm.sampling import Sampler, Settings, stream
 
 
 def say(text: str) -> None:
-    """Everything that is not generated text goes to stderr, so stdout stays the text (or JSON)."""
-    sys.stdout.flush()
-    print(text, file=sys.stderr, flush=True)
+    """Everything that is not generated text goes to stderr, so stdout stays the text (or JSON);
+    wrapped to the terminal's width there, one line per line in a log."""
+    terminal.say(text, sys.stderr)
 
 
 def generate_and_print(model: GGUFModel, prompt: str, settings: Settings, sampler: Sampler, as_json: bool):

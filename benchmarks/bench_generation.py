@@ -8,7 +8,7 @@ Greedy generation of the same tokens from the same prompt, timed for:
   PyTorch generate()        the model's own generate() (custom_llm/model.py), with its KV cache
   bare llama.cpp loop       Llama.eval one token at a time, no sampling, no text: the ceiling
   bare llama_decode loop    the same through llama_decode and one reused batch (inference's path)
-  inference_gguf            the script's own path (custom_llm.generation.stream: sampling,
+  inference_gguf            the script's own path (custom_llm.sampling.stream: sampling,
                             detokenizing, streaming the text), at F32, F16, Q8_0 and Q4_0
 "In context" generates until the window is full (block_size tokens); "past context" goes on
 for several windows, following the context rule (the older half is dropped when full and the
@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 from custom_llm.context import slide  # noqa: E402
 from custom_llm.export import quantize_atomic, write_gguf_atomic  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
-from custom_llm.generation import Sampler, Settings, stream  # noqa: E402
+from custom_llm.sampling import Sampler, Settings, stream  # noqa: E402
 from custom_llm.runtime import GGUFModel  # noqa: E402
 from custom_llm.tokenizer import encode, load_tokenizer  # noqa: E402
 

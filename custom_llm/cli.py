@@ -9,6 +9,9 @@ from typing import Any, Callable, Optional
 
 from custom_llm.errors import UserError
 from custom_llm.flags import NUMBERS
+from custom_llm.terminal import say, width_of, wrap
+
+ANSWER_ROOM = 8   # columns a question's last line leaves free for a typed answer
 
 
 def run(main: Callable[[], None]) -> None:
@@ -20,7 +23,7 @@ def run(main: Callable[[], None]) -> None:
     except UserError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -41,7 +44,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.checks = {}    # flag name -> its parser, run by parse_args on what the command line gave
 
     def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        say(f"error: {message} (see --help)", sys.stderr)
         sys.exit(2)
 
     def add_number(self, name: str, default=None, shown_default=None) -> None:
@@ -78,6 +81,9 @@ class Question:
     check: Optional[Callable[[Any, dict], Optional[str]]] = None
     # The flag takes several words, read as one answer: joined with spaces, quoted where needed.
     several: bool = False
+    # Optional: why the question does not apply, given earlier answers (None: it does). Such a
+    # question is not asked and gets no answer; given as a flag, it is a usage error.
+    not_applicable: Optional[Callable[[dict], Optional[str]]] = None
 
     def __post_init__(self):
         if self.parse is None:
@@ -116,6 +122,11 @@ def ask(title: str, questions, args) -> dict:
     title_shown = False
     for q in questions:
         flag_value = getattr(args, q.name, None)
+        reason = q.not_applicable(answers) if q.not_applicable else None
+        if reason:
+            if flag_value is not None:
+                raise UserError(f"--{q.name}: {reason}", exit_code=2)
+            continue
         if flag_value is not None:
             try:
                 text = shlex.join(flag_value) if isinstance(flag_value, list) else str(flag_value)
@@ -127,11 +138,16 @@ def ask(title: str, questions, args) -> dict:
             answers[q.name] = q.default
             continue
         if not title_shown:
-            print(title)
+            say(title)
             title_shown = True
         while True:
             prompt = f"  {q.prompt} [{q.default}]: "
-            if interactive:
+            if interactive:   # a long question: its first lines printed, the last one is input()'s
+                width = width_of(sys.stdout)
+                *first_lines, last_line = wrap(prompt.rstrip(), width and width - ANSWER_ROOM).split("\n")
+                prompt = last_line + " "
+                for line in first_lines:
+                    print(line)
                 try:
                     line = input(prompt)
                 except EOFError:
@@ -156,6 +172,6 @@ def ask(title: str, questions, args) -> dict:
             except ValueError as reason:
                 if not interactive:
                     raise UserError(f"{q.name}: {reason}", exit_code=2) from None
-                print(f"  {reason}; please try again.")
+                say(f"  {reason}; please try again.")
     return answers
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from custom_llm.context import fit_prompt, slide
-from custom_llm.generation import Sampler, Settings
+from custom_llm.sampling import Sampler, Settings
 
 CONFIG_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout")
 LAYER_NORM_EPS = 1e-5  # torch's default, and GPT-2's layer_norm_epsilon
@@ -151,7 +151,7 @@ class GPTLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, **sampling):
         """Continue each sequence in idx (B, T) by max_new_tokens tokens, following the context
-        rule (context.py), with the sampler inference_gguf.py uses (generation.Sampler):
+        rule (context.py), with the sampler inference_gguf.py uses (sampling.Sampler):
         temperature (0 is greedy), top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed.
         Without a seed, one is drawn from torch's generator, so torch.manual_seed makes the
         result reproducible. Keys and values of the window are cached, so each new token costs

@@ -5,8 +5,13 @@ import torch
 from conftest import Terminal, one_line_error, run_script
 
 from custom_llm.model import CONFIG_KEYS, GPTLanguageModel, count_parameters
+from custom_llm.tokenizer import build_char_tokenizer
 
-DEFAULTS = {"vocab_size": 10000, "n_embd": 256, "n_head": 8, "n_layer": 6, "block_size": 128, "dropout": 0.1}
+# The char tokenizer's vocabulary comes from the text; until train_llm.py counts it, the config
+# holds the smallest one (the 256 bytes and the special tokens).
+SMALLEST_CHAR_VOCABULARY = build_char_tokenizer([]).get_vocab_size()
+DEFAULTS = {"vocab_size": SMALLEST_CHAR_VOCABULARY, "n_embd": 256, "n_head": 8, "n_layer": 6, "block_size": 128,
+            "dropout": 0.1}
 
 
 def saved_config(folder):
@@ -14,17 +19,38 @@ def saved_config(folder):
 
 
 def test_piped_answers_are_taken_in_order(tmp_path):
-    result = run_script("llm_model.py", cwd=tmp_path, input="500\n96\n6\n3\n48\n0.05\n")
+    result = run_script("llm_model.py", cwd=tmp_path, input="bpe\n500\n96\n6\n3\n48\n0.05\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Configure your LLM model:")
     config = saved_config(tmp_path)
     assert {k: config[k] for k in CONFIG_KEYS} == {
         "vocab_size": 500, "n_embd": 96, "n_head": 6, "n_layer": 3, "block_size": 48, "dropout": 0.05}
-    assert f"{count_parameters(config) / 1e6:.2f}M parameters" in result.stdout
+    assert config["tokenizer"] == "bpe"
+    assert f"{count_parameters(config) / 1e6:.2f}M parameters with a BPE vocabulary of 500" in result.stdout
+
+
+def test_char_tokenizer_is_not_asked_a_vocabulary_size(tmp_path):
+    result = run_script("llm_model.py", cwd=tmp_path, input="char\n96\n6\n3\n48\n0.05\n")
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary size" not in result.stdout.lower()
+    config = saved_config(tmp_path)
+    assert (config["tokenizer"], config["vocab_size"], config["n_embd"], config["dropout"]) == \
+        ("char", SMALLEST_CHAR_VOCABULARY, 96, 0.05)
+    # The count without the vocabulary's rows, what each entry adds, and the count at the smallest.
+    without_vocabulary = count_parameters({**config, "vocab_size": 0})
+    assert f"{without_vocabulary / 1e6:.2f}M parameters plus 2 x 96 per vocabulary entry" in result.stdout
+    assert f"{count_parameters(config) / 1e6:.2f}M at the smallest" in result.stdout
+    assert count_parameters({**config, "vocab_size": 1}) - without_vocabulary == 2 * 96
+
+
+def test_vocabulary_size_with_the_char_tokenizer_is_a_usage_error(tmp_path):
+    line = one_line_error(run_script("llm_model.py", "--vocab_size", "500", "-y", cwd=tmp_path), 2)
+    assert "--vocab_size" in line and "--tokenizer bpe" in line
+    assert not (tmp_path / "model_config.pth").exists()
 
 
 def test_end_of_input_takes_remaining_defaults(tmp_path):
-    result = run_script("llm_model.py", cwd=tmp_path, input="777\n\n4\n")
+    result = run_script("llm_model.py", cwd=tmp_path, input="bpe\n777\n\n4\n")
     assert result.returncode == 0, result.stderr
     config = saved_config(tmp_path)
     assert config["vocab_size"] == 777 and config["n_embd"] == 256 and config["n_head"] == 4
@@ -33,7 +59,7 @@ def test_end_of_input_takes_remaining_defaults(tmp_path):
 
 def test_flags_are_not_asked(tmp_path):
     result = run_script("llm_model.py", "--n_embd", "128", "--dropout", "0", cwd=tmp_path,
-                        input="300\n4\n2\n64\n")
+                        input="bpe\n300\n4\n2\n64\n")
     assert result.returncode == 0, result.stderr
     assert "Embedding size" not in result.stdout and "Dropout" not in result.stdout
     config = saved_config(tmp_path)
@@ -72,14 +98,16 @@ def test_n_embd_must_divide_by_n_head(tmp_path):
 
 
 def test_invalid_piped_answer_is_one_line_usage_error(tmp_path):
-    line = one_line_error(run_script("llm_model.py", cwd=tmp_path, input="100\n64\n5\n"), 2)
+    line = one_line_error(run_script("llm_model.py", cwd=tmp_path, input="char\n64\n5\n"), 2)
     assert "n_head" in line and "not divisible" in line
     assert not (tmp_path / "model_config.pth").exists()
 
 
 def test_terminal_reasks_invalid_answers(tmp_path):
     term = Terminal("llm_model.py", cwd=tmp_path)
-    term.read_until("Vocabulary size")
+    term.read_until("Tokenizer")
+    term.send("bpe\n")
+    term.read_until("BPE vocabulary size")
     term.send("many\n")
     term.read_until("please try again")
     term.send("2000\n")

@@ -19,7 +19,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from custom_llm.data import VALIDATION_FRACTION
 from custom_llm.export import write_gguf_atomic
-from custom_llm.generation import Sampler, Settings, StopStrings, apply_command
+from custom_llm.commands import apply_command
+from custom_llm.sampling import Sampler, Settings, StopStrings
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import encode, load_tokenizer
 from custom_llm.context import fit_prompt, slide
@@ -67,7 +68,7 @@ def test_prompt_loop_commands_ctrl_c_and_ctrl_d(trained):
     term.send("/nonsense 3\n")
     term.read_until("unknown command /nonsense")
     term.send("/settings\n")
-    term.read_until("temp 0.0, top_k None")
+    term.read_until("temp 0.0, top_k off")
     term.send("/max 10000000\n")              # long enough to be interrupted
     term.read_until("max_tokens = 10000000")
     sent_at = len(term.output)
@@ -245,9 +246,10 @@ def test_sampler_filters():
 
 def test_inference_starts_without_torch():
     """The llama.cpp path never imports torch: inference_gguf.py, the context rule, the sampler,
-    the flag table and the runtime."""
+    the prompt loop's commands, the flag table and the runtime."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import inference_gguf; "
-            "import custom_llm.context, custom_llm.flags, custom_llm.generation, custom_llm.runtime; "
+            "import custom_llm.context, custom_llm.flags, custom_llm.sampling, custom_llm.commands, "
+            "custom_llm.runtime; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

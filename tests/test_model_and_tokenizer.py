@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from custom_llm.checks import HARD_STRINGS
 from custom_llm.encoder import char_lookup_table
 from custom_llm.export import write_gguf_atomic
-from custom_llm.generation import Sampler, Settings
+from custom_llm.sampling import Sampler, Settings
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import BYTE_SYMBOLS, END_OF_TEXT, build_char_tokenizer, decode, encode, train_bpe_tokenizer
 from custom_llm.context import fit_prompt, slide
@@ -76,7 +76,7 @@ def test_one_forward_pass_with_or_without_a_kv_cache():
 
 
 def test_generate_samples_with_the_inference_sampler():
-    """PyTorch generate() draws what generation.Sampler (inference_gguf.py's sampler) draws from
+    """PyTorch generate() draws what sampling.Sampler (inference_gguf.py's sampler) draws from
     the model's logits, and every sampling control works there."""
     torch.manual_seed(0)
     model = GPTLanguageModel(CONFIG).eval()
