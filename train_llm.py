@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from custom_llm import terminal
 from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.corpus import absolute_spec, find_documents, parse_dataset_answer, spec_text
@@ -149,7 +150,7 @@ def main():
 def train(args, processes):
     """Read and check every input, then write; train; report. Only rank 0 asks, reads the run's
     files, talks and writes; the other processes get what it read and need only the text."""
-    say = print if processes.is_main else (lambda *a, **k: None)
+    say = terminal.say if processes.is_main else (lambda *a, **k: None)
 
     # Read and check everything before writing anything: a failure leaves every file as it was.
     checkpoint, config, tokenizer, plan = processes.share_from_main(lambda: read_inputs(args))
@@ -215,7 +216,8 @@ def train_loop(run, args, tokenizer_key):
             if run.budget:
                 run.budget.record_step(run.clock.session() - step_started)
                 fit_plan_to_budget(run, progress)
-            progress.update(state.step, state.total_steps, loss, run.tokens_per_second(), run.seconds_left())
+            progress.update(state.step, None if state.total_steps == UNMEASURED else state.total_steps, loss,
+                            run.tokens_per_second(), run.seconds_left())
 
             if run.schedule.due(state.step, state.last_eval_step, state.total_steps):
                 evaluation_started = run.clock.session()
@@ -234,8 +236,8 @@ def train_loop(run, args, tokenizer_key):
             if stopping:
                 progress.close()
                 if processes.is_main:
-                    print(f"Stopped at step {state.step}/{state.total_steps}; checkpoint saved to "
-                          f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", file=sys.stderr)
+                    terminal.say(f"Stopped at step {state.step}/{state.total_steps}; checkpoint saved to "
+                                 f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", sys.stderr)
                 raise SystemExit(130)
         progress.close()
         if processes.is_main:
@@ -363,7 +365,7 @@ def ask_plan(args, checkpoint) -> dict:
         remove_stale_temporaries(path)  # left by a run that was killed while writing
     if checkpoint:
         plan = checkpoint["plan"]
-        print(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
+        terminal.say(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
     else:
         # A timed run's length is its time: the number of epochs is not asked.
         plan = ask("Configure training parameters:",
@@ -374,7 +376,7 @@ def ask_plan(args, checkpoint) -> dict:
         plan["optimizer"] = args.optimizer or RECIPES[recipe_of(args)]["optimizer"]
     if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
         n_chars = build_default_text(DEFAULT_TEXT)
-        print(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
+        terminal.say(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
               "own documentation. Give --dataset_path to train on your text.")
     return plan
 
@@ -431,7 +433,7 @@ def write_run_files(args, config, dataset, checkpoint, new_tokenizer: bool) -> N
             save_tokenizer(dataset.tokenizer, args.tokenizer_path)
         save_config(config, args.config_path)
         if new_tokenizer:
-            print(f"Tokenizer: vocabulary of {config['vocab_size']} "
+            terminal.say(f"Tokenizer: vocabulary of {config['vocab_size']} "
                   + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
                      else "(one token per character, plus byte fallback")
                   + (f" of {args.init_from}" if args.init_from else "")

@@ -21,6 +21,7 @@ from custom_llm.errors import UserError
 from custom_llm.files import save_checkpoint as save_checkpoint_file
 from custom_llm.memory import training_memory_bytes
 from custom_llm.progress import clock
+from custom_llm.terminal import say
 
 
 def pick_device(requested: str) -> str:
@@ -228,8 +229,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to quit at once)...",
-              file=sys.stderr, flush=True)
+        say("\nStopping after this step and saving a checkpoint (Ctrl-C again to quit at once)...", sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

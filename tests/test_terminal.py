@@ -288,8 +288,6 @@ def test_training_bar_at_80_columns(tiny_run, columns):
     assert "\x1b[K" in output                          # each draw erases what the last one left
 
 
-@pytest.mark.xfail(strict=False, reason="train_llm.py's start-up and summary lines print without "
-                                        "custom_llm.terminal.say until training is switched to it")
 def test_training_at_80_columns(tiny_run):
     assert too_wide(training_in_a_terminal(tiny_run)) == []
 
