@@ -19,7 +19,7 @@ def learning_rate_at(step: int, total_steps: int, peak_lr: float, warmup_steps: 
 # overwrite what it learned. Fine-tuning keeps the optimizer the weights were pretrained with (Muon
 # on AdamW-pretrained weights fine-tunes no better: Liu et al. 2025, "Muon is Scalable for LLM
 # Training") at about a tenth of its from-scratch peak: for this project's models Muon at 0.0015
-# (measured, README); for GPT-2, pretrained with AdamW at 6e-4, AdamW at 1e-4, within the 5e-5 to
+# (measured, docs/benchmarks.md); for GPT-2, pretrained with AdamW at 6e-4, AdamW at 1e-4, within the 5e-5 to
 # 3e-4 usual for fine-tuning it.
 RECIPES = {"from scratch": {"optimizer": "muon", "learning_rate": 0.015},
            "trained weights": {"optimizer": "muon", "learning_rate": 0.0015},

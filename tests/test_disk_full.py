@@ -74,10 +74,11 @@ def f32_source(trained, tmp_path_factory):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A folder on a tmpfs of 4 MB (root, where mounting is allowed), unmounted afterwards."""
+    """A folder on a tmpfs of 16 MB (root, where mounting is allowed), unmounted afterwards: room for the
+    previous exports, whose GGUFs carry a 4096-row position table (docs/context.md)."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root and the right to mount)")
     yield folder

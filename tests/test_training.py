@@ -621,7 +621,7 @@ def test_micro_batches_train_like_the_whole_batch_within_the_memory_estimate(con
                                               final_line(result)).groups())
         # Within 25%, or 0.25 GB for this tiny model, whose whole footprint is the process's own
         # baseline: one run on a heavily loaded machine peaked at 0.61 GB against 0.40 estimated
-        # (cause not found). Real shapes are measured in the README (all within 15%).
+        # (cause not found). Real shapes are measured in docs/benchmarks.md (all within 15%).
         assert abs(estimate - peak) <= max(0.25 * peak, 0.25)
 
 
