@@ -222,7 +222,7 @@ def train_loop(run, args, tokenizer_key):
             if run.schedule.due(state.step, state.last_eval_step, state.total_steps):
                 evaluation_started = run.clock.session()
                 epoch_ends = run.schedule.epoch_ends(state.step, state.total_steps)
-                evaluate_and_log(run, args, epoch_losses if epoch_ends else window_losses, epoch_ends, lr, progress)
+                evaluate_and_log(run, args, window_losses, epoch_losses if epoch_ends else None, lr, progress)
                 window_losses, epoch_losses = [], ([] if epoch_ends else epoch_losses)
                 if run.budget:   # the next estimate counts it
                     run.budget.record_evaluation(run.clock.session() - evaluation_started)
@@ -260,16 +260,21 @@ def fit_plan_to_budget(run, progress) -> None:
                        f"({run.budget.mean_step_seconds():.2f}s per step); the schedule is laid over them")
 
 
-def evaluate_and_log(run, args, train_losses, epoch_ends, lr, progress) -> None:
+def evaluate_and_log(run, args, window_losses, epoch_losses, lr, progress) -> None:
     """Validation loss on the same windows every time; rank 0 saves the weights when they are the
-    best so far and logs a row. One line says it, with the epoch's summary at an epoch's end."""
+    best so far and logs a row (with the training loss since the last evaluation). One line says
+    it; at an epoch's end (epoch_losses given) with the epoch's mean training loss."""
     state, steps, processes = run.state, run.steps, run.processes
     state.last_eval_step = state.step
     # Every process evaluates the same windows, so they stay in step without waiting.
     val_loss = estimate_loss(run.model, run.dataset.val, steps.micro_batch_size, run.block_size,
                              run.plan["eval_batches"] * steps.batch_size // steps.micro_batch_size,
                              processes.device, run.autocast)
-    train_loss = processes.mean(float(np.mean(train_losses))) if train_losses else float("nan")
+
+    def mean(losses):   # over every process's losses
+        return processes.mean(float(np.mean(losses))) if losses else float("nan")
+
+    train_loss = mean(window_losses)
     if val_loss < state.best_val:
         state.best_val, state.best_step = val_loss, state.step
         if processes.is_main:
@@ -280,14 +285,13 @@ def evaluate_and_log(run, args, train_losses, epoch_ends, lr, progress) -> None:
             "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "lr": lr,
             "tokens_per_s": round(run.tokens_per_second()), "elapsed_s": round(run.clock.elapsed(), 2),
             "time": round(time.time(), 3)})
-    losses = f"training loss {train_loss:.4f}, validation loss {val_loss:.4f} (best {state.best_val:.4f} " \
-             f"at step {state.best_step})"
-    if epoch_ends:
-        epoch = (state.step - 1) // steps.steps_per_epoch + 1
-        progress.write(f"Epoch {epoch}/{steps.n_epochs(state.total_steps)} ends at step {state.step}: {losses}",
-                       sys.stdout)
+    losses = f"validation loss {val_loss:.4f} (best {state.best_val:.4f} at step {state.best_step})"
+    if epoch_losses is None:
+        progress.write(f"step {state.step}: training loss {train_loss:.4f}, {losses}")
     else:
-        progress.write(f"step {state.step}: {losses}")
+        epoch = (state.step - 1) // steps.steps_per_epoch + 1
+        progress.write(f"Epoch {epoch}/{steps.n_epochs(state.total_steps)} ends at step {state.step}: training "
+                       f"loss {mean(epoch_losses):.4f}, {losses}", sys.stdout)
 
 
 def report(run, args, say):
