@@ -155,7 +155,7 @@ def train(args, processes):
     # Read and check everything before writing anything: a failure leaves every file as it was.
     checkpoint, config, tokenizer, plan = processes.share_from_main(lambda: read_inputs(args))
     set_log_paths(args, checkpoint)
-    device_type = "cuda" if processes.device.startswith("cuda") else "cpu"
+    device_type = processes.device_type
     precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], device_type))
     if plan["batch_size"] == "auto":
         plan["batch_size"] = auto_batch_size(precision, config["block_size"])
@@ -454,7 +454,7 @@ def write_run_files(args, config, dataset, checkpoint, new_tokenizer: bool) -> N
 def start_run(args, model, plan, dataset, processes, precision, checkpoint) -> Run:
     """The optimizer, the batch split, the state (new, or the checkpoint's), and the model as it
     trains: compiled on CUDA, under DistributedDataParallel with several processes."""
-    device_type = "cuda" if processes.device.startswith("cuda") else "cpu"
+    device_type = processes.device_type
     block_size = model.config["block_size"]
     optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type, plan["optimizer"],
                                precision.dtype)

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 
-from custom_llm import isolated
 from custom_llm.corpus import find_documents, spec_exists
 from custom_llm.data import prepare_dataset
 from custom_llm.errors import UserError
@@ -68,15 +67,11 @@ def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
 
 
 def check_export(export_format, path, model, tokenizer, windows) -> dict:
-    """Read the export at path back (export.Format's reader) and compare it with the model:
+    """Read the export at path back (export.Format's read_back) and compare it with the model:
     tokens_agree (hard strings tokenized the same, of len(HARD_STRINGS)), next_agree (share
     of positions with the same likeliest next token), rel_error (worst max |difference| /
     max |logit| over the windows), size in bytes and bits per weight (None where not known)."""
-    if export_format.isolated:   # llama.cpp, in a child process: a crash there raises isolated.LlamaCrash
-        tokens, logits = isolated.read_back(path, HARD_STRINGS, windows)
-    else:
-        export = export_format.load(path)
-        tokens, logits = [export.tokenize(s) for s in HARD_STRINGS], [export.logits(w) for w in windows]
+    tokens, logits = export_format.read_back(path, HARD_STRINGS, windows)   # a GGUF's may raise LlamaCrash
     agree = sum(got == encode(tokenizer, s) for s, got in zip(HARD_STRINGS, tokens))
     expected_of = pytorch_logits(model)
     same_next, total, worst = 0, 0, 0.0

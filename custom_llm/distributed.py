@@ -32,6 +32,11 @@ class Processes:
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
 
     @property
+    def device_type(self) -> str:
+        """cuda or cpu, whatever the GPU's index."""
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
@@ -52,7 +57,8 @@ class Processes:
                 value = read()
             except UserError as err:
                 error = err
-        holder = [(None if elsewhere and self.is_main else value, error and (str(error), error.exit_code))]
+        sent = None if elsewhere else value   # ranks that make their own value need none of rank 0's
+        holder = [(sent, error and (str(error), error.exit_code))]
         dist.broadcast_object_list(holder, src=0)
         if error:
             raise error

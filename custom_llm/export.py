@@ -14,10 +14,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from custom_llm import isolated
 from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError
 from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
-from custom_llm.runtime import TRAINED_CONTEXT_KEY, GGUFModel, llama_log
+from custom_llm.runtime import TRAINED_CONTEXT_KEY, llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
 from custom_llm.model import LAYER_NORM_EPS
 
@@ -320,24 +321,25 @@ class Format:
     default: str
     description: str
     write: Callable             # (model, tokenizer, path): writes there as it is; the caller makes it atomic
-    load: Callable              # path -> an object with tokenize(text) -> ids and logits(ids) -> (len, vocab)
+    read_back: Callable         # (path, strings, windows) -> (each string's ids, each window's (len, vocab) logits)
     tolerance: float            # largest relative logit error accepted (max |difference| / max |logit|)
     bits_per_weight: Optional[Callable] = None   # path -> bits per weight, where the format says
     folder: bool = False        # the export is a folder, not a file
-    isolated: bool = False      # read back in a child process (isolated.py): llama.cpp's crashes are answers
 
 
 def _write_f16_gguf(model, tokenizer, path):
     write_gguf(model, tokenizer, path, "F16")
 
 
-def _load_gguf(path):
-    return GGUFModel(path, logits_all=True)
+def _read_back_hf(path, strings, windows):
+    export = HFExport(path)
+    return [export.tokenize(s) for s in strings], [export.logits(w) for w in windows]
 
 
-# llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact.
-HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, HFExport, 2e-3,
-            folder=True)
-GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, _load_gguf, 1e-2,
-              bits_per_weight=lambda path: tensor_types(path)[1], isolated=True)
+# llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact. A GGUF is
+# read back in a child process (isolated.py): llama.cpp's crashes there are answers.
+HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, _read_back_hf,
+            2e-3, folder=True)
+GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, isolated.read_back, 1e-2,
+              bits_per_weight=lambda path: tensor_types(path)[1])
 FORMATS = [HF, GGUF]

@@ -200,7 +200,7 @@ def measure_tokens_per_second(model, tokens, steps: StepPlan, processes, block_s
     as it was."""
     offsets = random_offsets(np.random.default_rng(0), len(tokens), block_size, steps.micro_batch_size)
     x, y = get_batch(tokens, offsets, block_size, processes.device)
-    cuda = processes.device.startswith("cuda")
+    cuda = processes.device_type == "cuda"
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         for _ in range(2):
             started = time.monotonic()
