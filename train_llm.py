@@ -28,6 +28,7 @@ import torch
 from custom_llm import terminal
 from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
+from custom_llm.conversations import is_chat_corpus, prepare_conversations
 from custom_llm.corpus import absolute_spec, find_documents, parse_dataset_answer, spec_text
 from custom_llm.data import check_split, prepare_dataset, random_offsets
 from custom_llm.default_text import build_default_text
@@ -38,7 +39,7 @@ from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoin
 from custom_llm.flags import NUMBERS
 from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
 from custom_llm.memory import check_memory, training_memory_bytes
-from custom_llm.model import GPTLanguageModel
+from custom_llm.model import GPTLanguageModel, grow_vocabulary
 from custom_llm.optimizer import make_optimizer
 from custom_llm.precision import choose_precision
 from custom_llm.progress import Progress
@@ -154,6 +155,7 @@ def train(args, processes):
 
     # Read and check everything before writing anything: a failure leaves every file as it was.
     checkpoint, config, tokenizer, plan = processes.share_from_main(lambda: read_inputs(args))
+    starting_vocab_size = config["vocab_size"]   # of the weights to start from (--init_from)
     set_log_paths(args, checkpoint)
     device_type = processes.device_type
     precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], device_type))
@@ -161,11 +163,11 @@ def train(args, processes):
         plan["batch_size"] = auto_batch_size(precision, config["block_size"])
     configure_torch(device_type, plan["seed"] + processes.rank, processes.threads_per_process())
     dataset = load_text(args, plan, config, tokenizer, processes, say)
-    new_tokenizer = check_tokenizer_and_config(args, plan, config, dataset, checkpoint)
+    new_tokenizer = check_tokenizer_and_config(args, plan, config, dataset, checkpoint, tokenizer)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
                  if from_gpt2_folder(args) else None)
     # The starting weights: rank 0 reads them; they reach the others through DistributedDataParallel.
-    model = processes.share_from_main(lambda: load_starting_model(args, config),
+    model = processes.share_from_main(lambda: load_starting_model(args, config, starting_vocab_size),
                                       elsewhere=lambda: GPTLanguageModel(config))
 
     # Everything is read: now the run's files.
@@ -203,7 +205,7 @@ def train_loop(run, args, tokenizer_key):
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             run.optimizer.zero_grad(set_to_none=True)
-            offsets = random_offsets(run.generator, len(run.dataset.train), run.block_size,
+            offsets = random_offsets(run.generator, run.dataset.train, run.block_size,
                                      steps.batch_size * steps.micro_batches)
             loss = forward_backward(run.train_model, run.dataset.train, offsets, steps, processes, run.block_size,
                                     run.autocast)
@@ -351,13 +353,19 @@ def load_config_and_tokenizer(args):
     return config, load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
 
 
-def load_starting_model(args, config):
-    """A new model, or the weights to fine-tune: a GPT-2 folder's, or trained_model.pth's."""
+def load_starting_model(args, config, starting_vocab_size):
+    """A new model, or the weights to fine-tune: a GPT-2 folder's, or trained_model.pth's, grown
+    by rows for tokens their tokenizer gained here (the chat's)."""
     if not args.init_from:
         return GPTLanguageModel(config)
+    weights_config = dict(config, vocab_size=starting_vocab_size)
     if from_gpt2_folder(args):
-        return load_gpt2_model(args.init_from, config).train()
-    return load_trained_model(args.init_from, config).train()
+        model = load_gpt2_model(args.init_from, weights_config)
+    else:
+        model = load_trained_model(args.init_from, weights_config)
+    model = grow_vocabulary(model, config["vocab_size"]).train()
+    model.config.update(config)
+    return model
 
 
 def ask_plan(args, checkpoint) -> dict:
@@ -388,10 +396,13 @@ def ask_plan(args, checkpoint) -> dict:
 def load_text(args, plan, config, tokenizer, processes, say):
     """The text's tokens, with the given tokenizer (the run's own on --resume and --init_from), else
     a new one (BPE trained on the text, or the characters found while encoding it). Rank 0 prepares
-    them first and fills the cache; the other processes then read them from it."""
+    them first and fills the cache; the other processes then read them from it. Conversations
+    (JSONL) are packed into windows instead, with the tokenizer grown by the chat's tokens."""
     started = time.time()
     with processes.main_first():
         corpus = find_documents(plan["dataset_path"], args.encoding)   # once per run: every later step uses it
+        if is_chat_corpus(corpus):
+            return load_conversations(corpus, config, tokenizer, started, say)
         if tokenizer is None and config.get("tokenizer") == "bpe":
             target = config.get("vocab_size_requested", config["vocab_size"])
             tokenizer, cached = bpe_tokenizer_for(corpus, target)
@@ -409,21 +420,35 @@ def load_text(args, plan, config, tokenizer, processes, say):
     return dataset
 
 
-def check_tokenizer_and_config(args, plan, config, dataset, checkpoint) -> bool:
+def check_tokenizer_and_config(args, plan, config, dataset, checkpoint, given_tokenizer) -> bool:
     """The tokenizer and the config must belong together: checked on --resume and --init_from
     (trained_model.pth). The config takes the real vocab_size and the text's path and encoding
     (convert_to_gguf.py checks the model on its held-out part). True when the tokenizer is new
-    (made here, or a GPT-2 folder's) and is to be saved."""
+    (made here, a GPT-2 folder's, or grown by the chat's tokens) and is to be saved."""
     tokenizer = dataset.tokenizer
     if checkpoint:
         check_resume(checkpoint, config, tokenizer, dataset)
         return False
     from_weights = bool(args.init_from) and not from_gpt2_folder(args)
     if from_weights:
-        check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
+        check_tokenizer_fits(given_tokenizer, config, args.tokenizer_path, args.config_path)
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
-    return not from_weights
+    return not from_weights or tokenizer is not given_tokenizer
+
+
+def load_conversations(corpus, config, tokenizer, started, say):
+    """The conversations packed into windows (conversations.py), and what they are."""
+    if tokenizer is None and config.get("tokenizer") == "bpe":
+        config["vocab_size_requested"] = config.get("vocab_size_requested", config["vocab_size"])
+    dataset = prepare_conversations(corpus, tokenizer, config)
+    if tokenizer is not None and dataset.tokenizer is not tokenizer:
+        say(f"The tokenizer gains the chat's tokens: {tokenizer.get_vocab_size()} -> "
+            f"{dataset.tokenizer.get_vocab_size()} tokens (the model grows by as many rows)")
+    say(dataset.describe() + f" (prepared in {time.time() - started:.1f}s)")
+    for note in dataset.notes:
+        say(note)
+    return dataset
 
 
 # ------------------------------------------------------------------ writing, and the run's start

@@ -11,7 +11,7 @@ so train_llm.py does: corpus = find_documents(spec, encoding); tokenizer = bpe_t
 vocab_size) when it trains a BPE; dataset = prepare_dataset(corpus, tokenizer).
 
 One file given by name is read as it always was: one text, the last 10% of its tokens held out.
-Anything else is a set of documents: every .txt and .md file under a folder (recursively, hidden
+Anything else is a set of documents: every .txt, .md and .jsonl (conversations) file under a folder (recursively, hidden
 folders such as .token_cache left out), each file or glob match as given, sorted by path within
 each. Symlinked folders are followed, each real folder once (so a link loop ends), and each file is
 read once, by its identity (device, inode), whatever paths lead to it. Only regular files are read:
@@ -41,7 +41,7 @@ from custom_llm.errors import UserError, cannot_read
 from custom_llm.textfile import END_OF_TEXT, check_text_file, codec, file_hash, inspect_text, not_a_regular_file, \
     read_chunks
 
-DOCUMENT_SUFFIXES = (".txt", ".md")
+DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl")   # .jsonl: conversations (conversations.py)
 MIN_HELD_OUT_DOCUMENTS = 10          # fewer documents: the last 10% of the tokens, as for one file
 HELD_OUT_SHARE = 0.1                 # held-out documents: about this share of the text's bytes
 GLOB_CHARACTERS = "*?["
@@ -281,7 +281,7 @@ def _expand(path: str) -> list:
             raise UserError(f"{path} matches no file: give text files, folders or globs with --dataset_path", 2)
         files = [name for match in matches for name in (_folder_files(match) if os.path.isdir(match) else [match])]
         if not files:
-            raise UserError(f"{path} matches no .txt or .md file: check the pattern", 2)
+            raise UserError(f"{path} matches no .txt, .md or .jsonl file: check the pattern", 2)
         return files
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist: give text files, folders or globs with --dataset_path", 2)
@@ -289,13 +289,13 @@ def _expand(path: str) -> list:
         return [path]
     files = _folder_files(path)
     if not files:
-        raise UserError(f"the folder {path} holds no .txt or .md files: put your text there or give "
+        raise UserError(f"the folder {path} holds no .txt, .md or .jsonl files: put your text there or give "
                         "its path with --dataset_path", 2)
     return files
 
 
 def _folder_files(folder: str) -> list:
-    """The .txt and .md files under folder, recursively, hidden ones and hidden folders left out."""
+    """The .txt, .md and .jsonl files under folder, recursively, hidden ones and hidden folders left out."""
     return sorted(os.path.join(where, name) for where, names in _walk(folder)
                   for name in names if name.lower().endswith(DOCUMENT_SUFFIXES))
 

@@ -68,6 +68,8 @@ def prepare_dataset(corpus: Corpus, tokenizer=None) -> Dataset:
 
 def check_split(dataset: Dataset, block_size: int, source: str) -> None:
     """Each split must hold at least one window of block_size + 1 tokens."""
+    if isinstance(dataset.train, PackedConversations):
+        return   # conversations: each part has at least one (conversations.py)
     for name, part in (("training", dataset.train), ("validation", dataset.val)):
         if len(part) < block_size + 1:
             raise UserError(f"{source} is too short: its {name} part has {len(part)} tokens, fewer than "
@@ -75,14 +77,40 @@ def check_split(dataset: Dataset, block_size: int, source: str) -> None:
                             f"{(block_size + 1) * 10} characters at least) or a smaller block_size")
 
 
-def random_offsets(generator: np.random.Generator, n_tokens: int, block_size: int, count: int) -> np.ndarray:
-    """Starts of `count` windows at random: every overlapping chunk of the text can occur."""
-    return generator.integers(0, n_tokens - block_size, size=count)
+@dataclass
+class PackedConversations:
+    """Conversations packed into windows of block_size + 1 tokens (conversations.py): a training or
+    validation part of a chat Dataset. Only the target positions (the answers) are trained on."""
+    windows: np.ndarray         # (n, block_size + 1) token ids
+    targets: np.ndarray         # (n, block_size + 1) bool: this token is an answer's, to be predicted
+    n_conversations: int
+    n_cut: int                  # conversations longer than a window, cut to fit
+
+    def __len__(self) -> int:   # tokens, as for text: an epoch is every window once
+        return self.windows.shape[0] * (self.windows.shape[1] - 1)
 
 
-def get_batch(tokens: np.ndarray, offsets: np.ndarray, block_size: int, device="cpu"):
-    """(inputs, targets) for the windows starting at offsets, gathered in one go."""
-    window = torch.from_numpy(tokens[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))
+IGNORED = -1   # the target of a position that is not trained on (model.py's cross-entropy skips it)
+
+
+def random_offsets(generator: np.random.Generator, part, block_size: int, count: int) -> np.ndarray:
+    """`count` windows at random: starts of overlapping chunks of a text, or indices of packed
+    conversation windows."""
+    if isinstance(part, PackedConversations):
+        return generator.integers(0, part.windows.shape[0], size=count)
+    return generator.integers(0, len(part) - block_size, size=count)
+
+
+def get_batch(part, offsets: np.ndarray, block_size: int, device="cpu"):
+    """(inputs, targets) for the windows at offsets, gathered in one go; a packed conversation's
+    targets are IGNORED but for its answers."""
+    if isinstance(part, PackedConversations):
+        window = torch.from_numpy(part.windows[offsets])
+        targets = torch.from_numpy(np.where(part.targets[offsets, 1:], part.windows[offsets, 1:], IGNORED))
+    else:
+        window = torch.from_numpy(part[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))
+        targets = window[:, 1:]
     if device != "cpu":
         window = window.pin_memory().to(device, non_blocking=True)
-    return window[:, :-1], window[:, 1:]
+        targets = targets.pin_memory().to(device, non_blocking=True)
+    return window[:, :-1], targets

@@ -145,7 +145,9 @@ class GPTLanguageModel(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+            # Targets of -1 are context, not trained on (a chat's prompts: data.IGNORED).
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -185,6 +187,22 @@ class GPTLanguageModel(nn.Module):
         if not new:
             return idx
         return torch.cat((idx, torch.tensor(new, dtype=idx.dtype, device=idx.device).T), dim=1)
+
+
+@torch.no_grad()
+def grow_vocabulary(model: GPTLanguageModel, vocab_size: int) -> GPTLanguageModel:
+    """The model with room for vocab_size tokens (a tokenizer grown by special tokens, chat.py):
+    the trained rows of the embedding and the head are kept, each new row starts as the mean of
+    the trained ones (a token like the average one, not a random direction)."""
+    old = model.config["vocab_size"]
+    if vocab_size == old:
+        return model
+    for layer, weight in ((model.wte, model.wte.weight), (model.lm_head, model.lm_head.weight)):
+        grown = torch.cat([weight, weight.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+        layer.weight = nn.Parameter(grown.contiguous())
+    model.wte.num_embeddings = model.lm_head.out_features = vocab_size
+    model.config["vocab_size"] = vocab_size
+    return model
 
 
 def count_parameters(config: dict) -> int:

@@ -187,7 +187,7 @@ def estimate_loss(model, tokens, batch_size, block_size, batches, device, autoca
     generator = np.random.default_rng(1234)
     losses = []
     for _ in range(batches):
-        x, y = get_batch(tokens, random_offsets(generator, len(tokens), block_size, batch_size), block_size, device)
+        x, y = get_batch(tokens, random_offsets(generator, tokens, block_size, batch_size), block_size, device)
         with autocast():
             losses.append(model(x, y)[1].item())
     model.train()
@@ -198,7 +198,7 @@ def measure_tokens_per_second(model, tokens, steps: StepPlan, processes, block_s
     """One micro-batch's forward and backward, timed before the first step (the second of two; the
     first warms up), so the user knows at once what the plan costs. Torch's random state is left
     as it was."""
-    offsets = random_offsets(np.random.default_rng(0), len(tokens), block_size, steps.micro_batch_size)
+    offsets = random_offsets(np.random.default_rng(0), tokens, block_size, steps.micro_batch_size)
     x, y = get_batch(tokens, offsets, block_size, processes.device)
     cuda = processes.device_type == "cuda"
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):

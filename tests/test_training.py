@@ -168,7 +168,7 @@ def test_batches_are_shifted_windows_from_anywhere():
     generator = np.random.default_rng(0)
     starts = set()
     for _ in range(300):
-        x, y = data.get_batch(tokens, data.random_offsets(generator, len(tokens), 10, 8), 10)
+        x, y = data.get_batch(tokens, data.random_offsets(generator, tokens, 10, 8), 10)
         assert x.shape == y.shape == (8, 10) and x.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
         starts.update(x[:, 0].tolist())
