@@ -19,6 +19,7 @@ from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError
 from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
 from custom_llm.runtime import TRAINED_CONTEXT_KEY, llama_log
+from custom_llm.chat import CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, is_chat_tokenizer
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
 from custom_llm.model import LAYER_NORM_EPS
 
@@ -45,6 +46,9 @@ def write_hf_folder(model, tokenizer, folder: str) -> None:
         raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT,
                                            eos_token=END_OF_TEXT, unk_token=None)
+    if is_chat_tokenizer(tokenizer):   # apply_chat_template formats as training did; generate() ends a turn
+        hf_tokenizer.chat_template = CHAT_TEMPLATE
+        hf_model.generation_config.eos_token_id = [eot, tokenizer.token_to_id(END_OF_TURN)]
     hf_model.save_pretrained(folder, safe_serialization=True)
     hf_tokenizer.save_pretrained(folder)
 
@@ -177,13 +181,19 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "cus
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL
+    # Special tokens are control tokens: llama.cpp then reads them as one id only where a template
+    # (or a caller asking for special tokens) writes them, never in ordinary text.
+    special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS} - {None}
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(eot)
     writer.add_eos_token_id(eot)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    if is_chat_tokenizer(tokenizer):   # the template front ends format with; a turn's end stops generation
+        writer.add_chat_template(CHAT_TEMPLATE)
+        writer.add_eot_token_id(tokenizer.token_to_id(END_OF_TURN))
 
     for param_name, tensor in model.state_dict().items():
         array = tensor.detach().float().cpu().numpy()
