@@ -18,7 +18,7 @@ import time
 
 from custom_llm import isolated
 from custom_llm.atomic import remove_stale_temporaries, staging
-from custom_llm.checks import HARD_STRINGS, check_export, held_out_tokens, held_out_windows
+from custom_llm.checks import HARD_STRINGS, chat_prompts, check_chat, check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
 from custom_llm.errors import UserError
@@ -87,6 +87,7 @@ def main():
     else:
         say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
+    prompts = chat_prompts(config, tokenizer)   # a chat model: held-out conversations to answer
 
     # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
     # twice. Everything is written under temporary names and moves into place only when every file
@@ -118,12 +119,15 @@ def main():
         failures = []
         for export_format, path, tmp, tolerance in written:
             failures += check_and_say(export_format, path, tmp, tolerance, model, tokenizer, windows)
+            if prompts and not failures:
+                failures += check_chat_and_say(export_format, path, tmp, tolerance, model, tokenizer, prompts)
         if failures:
             raise UserError("; ".join(failures) + "; nothing was replaced: the previous files are untouched")
     if show_report:
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
-    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} --query \"Hello\"")
+    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} "
+        + ("--chat" if prompts else "--query \"Hello\""))
 
 
 def shown(path: str, folder: bool) -> str:
@@ -149,6 +153,27 @@ def check_and_say(export_format, path, written, tolerance, model, tokenizer, win
     if tolerance is not None and r["rel_error"] > tolerance:
         failures.append(f"{path} logits differ from PyTorch by {r['rel_error']:.1e} "
                         f"(tolerance {tolerance:.0e} for {export_format.description})")
+    return failures
+
+
+def check_chat_and_say(export_format, path, written, tolerance, model, tokenizer, prompts) -> list:
+    """One line on how the export bound for path formats and answers held-out conversations: the
+    formatting must be PyTorch's id for id, and an unquantized export's greedy answers too."""
+    try:
+        r = check_chat(export_format, written, model, tokenizer, prompts)
+    except LlamaCrash as crash:
+        say(f"Chat check {shown(path, export_format.folder)}: {crash}")
+        return [f"{crash} while checking {path}'s chat"]
+    n, answers = r["count"], r["answers"]
+    ties = answers.count("near tie")
+    say(f"Chat check {shown(path, export_format.folder)}: {r['prompts_agree']}/{n} held-out conversations "
+        f"formatted id for id as in PyTorch, greedy answers {answers.count('equal')}/{n} equal"
+        + (f" ({ties} parting at a near tie)" if ties else "") + f", {r['ended']}/{n} ending at the end of turn")
+    failures = []
+    if r["prompts_agree"] != n:
+        failures.append(f"{path} formats {n - r['prompts_agree']} conversation(s) differently from PyTorch")
+    if tolerance is not None and "differ" in answers:
+        failures.append(f"{path} answers {answers.count('differ')} conversation(s) differently from PyTorch")
     return failures
 
 

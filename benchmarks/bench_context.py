@@ -39,7 +39,7 @@ from custom_llm.checks import held_out_tokens  # noqa: E402
 from custom_llm.export import (POSITION_RULE, POSITION_RULES, quantize_atomic, write_gguf_atomic)  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.precision import cpu_info  # noqa: E402
-from custom_llm.runtime import _no_weight_repacking  # noqa: E402
+from custom_llm.runtime import no_weight_repacking  # noqa: E402
 from custom_llm.tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -68,9 +68,9 @@ def prepare(args) -> str:
 # repacking is off, as in this project's runtime: it crashes quantized models whatever the context).
 CHILD = r"""
 import json, sys, llama_cpp
-from custom_llm.runtime import _no_weight_repacking
+from custom_llm.runtime import no_weight_repacking
 path, n_ctx, way = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-with _no_weight_repacking():
+with no_weight_repacking():
     llm = llama_cpp.Llama(model_path=path, verbose=False, seed=1, **({} if n_ctx is None else {"n_ctx": n_ctx}))
 if way == "call":
     out = llm("ROMEO:", max_tokens=200)
@@ -149,7 +149,7 @@ def sliding_nll(model, tokens, block) -> np.ndarray:
 
 def load_llama(path, n_ctx):
     import llama_cpp
-    with _no_weight_repacking():
+    with no_weight_repacking():
         return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_batch=512)
 
 

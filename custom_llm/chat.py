@@ -33,11 +33,13 @@ CHAT_TOKENS = [TURN_START, END_OF_TURN]
 SPECIAL_TOKENS = [END_OF_TEXT] + CHAT_TOKENS
 ROLES = ("system", "user", "assistant")
 
-# ChatML, character for character as llama-cpp-python's ChatML template, so that front end picks
-# its own ChatML formatter; its rendering is this one's.
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-                 "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-                 "{{ '<|im_start|>assistant\n' }}{% endif %}")
+# ChatML. Not character for character llama-cpp-python's own ChatML template on purpose: on that
+# string it formats with a built-in formatter that adds an empty system turn when there is none,
+# unlike every other front end; on any other template it renders the template itself, as here.
+CHAT_TEMPLATE = ("{%- for message in messages -%}"
+                 "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+                 "{%- endfor -%}"
+                 "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")   # private-use characters: no content holds them
 _SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")

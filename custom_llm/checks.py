@@ -6,11 +6,13 @@ import os
 
 import numpy as np
 
-from custom_llm.corpus import find_documents, spec_exists
+from custom_llm.chat import END_OF_TURN, ChatFormat, is_chat_tokenizer
+from custom_llm.conversations import held_out_conversations, is_chat_corpus
+from custom_llm.corpus import find_documents, spec_exists, spec_text
 from custom_llm.data import prepare_dataset
 from custom_llm.errors import UserError
 from custom_llm.evaluation import pytorch_logits
-from custom_llm.tokenizer import encode
+from custom_llm.tokenizer import END_OF_TEXT, encode
 
 # Strings on which Python and an export must agree id for id: empty, whitespace runs, \r\n, tabs,
 # emoji with joiners and skin tones, flags, combining marks, CJK, right-to-left scripts, NUL and
@@ -55,7 +57,12 @@ def held_out_tokens(eval_text, config, tokenizer):
         return prepare_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text
     spec = config.get("dataset_path")
     if spec and spec_exists(spec):  # the same validation tokens training used
-        dataset = prepare_dataset(find_documents(spec, config.get("dataset_encoding", "utf-8")), tokenizer)
+        corpus = find_documents(spec, config.get("dataset_encoding", "utf-8"))
+        if is_chat_corpus(corpus):   # the held-out conversations, formatted one after the other
+            conversations = held_out_conversations(corpus)
+            tokens = [int(t) for ids, _ in ChatFormat(tokenizer).encode_many(conversations) for t in ids]
+            return tokens, f"the {len(conversations)} held-out conversations of {spec_text(spec)}"
+        dataset = prepare_dataset(corpus, tokenizer)
         return dataset.val.tolist(), dataset.val_source
     return None, None
 
@@ -89,3 +96,68 @@ def _size(path: str) -> int:
     if not os.path.isdir(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+# ------------------------------------------------------------------------------ chat
+
+CHAT_CHECKS = 3            # held-out conversations whose formatting and greedy answers are compared
+MIN_ANSWER_ROOM = 8        # tokens an answer needs at least, within the block, to be compared
+
+
+def chat_prompts(config, tokenizer, count: int = CHAT_CHECKS) -> list:
+    """[(messages up to a held-out conversation's last answer, its ids as PyTorch formats them)]
+    for a chat model whose training conversations are there; [] otherwise."""
+    spec = config.get("dataset_path")
+    if not is_chat_tokenizer(tokenizer) or not spec or not spec_exists(spec):
+        return []
+    corpus = find_documents(spec, config.get("dataset_encoding", "utf-8"))
+    if not is_chat_corpus(corpus):
+        return []
+    chat, prompts = ChatFormat(tokenizer), []
+    for messages in held_out_conversations(corpus):
+        last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids = chat.encode(messages[:last_answer], add_generation_prompt=True)[0].tolist()
+        if last_answer and len(ids) + MIN_ANSWER_ROOM <= config["block_size"]:
+            prompts.append((messages[:last_answer], ids))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def greedy_answer(model, prompt_ids: list, max_tokens: int, end_ids) -> list:
+    """PyTorch's greedy answer: the ids after the prompt, up to and with the first end token."""
+    import torch
+    answer = model.generate(torch.tensor([prompt_ids]), max_tokens, temperature=0)[0, len(prompt_ids):].tolist()
+    for i, token in enumerate(answer):
+        if token in end_ids:
+            return answer[:i + 1]
+    return answer
+
+
+def compare_answers(model, prompt_ids, expected, got, tolerance) -> str:
+    """'equal', 'near tie' (they part where PyTorch's two choices are within the format's logit
+    tolerance of each other: float rounding picks either) or 'differ'. got may be cut short (a
+    front end reports the ids it evaluated): then its length is what is compared."""
+    for i, (want, have) in enumerate(zip(expected, got)):
+        if want != have:
+            logits = pytorch_logits(model)(prompt_ids + expected[:i])[-1]
+            close = logits[want] - logits[have] <= (tolerance or 0) * np.abs(logits).max()
+            return "near tie" if close else "differ"
+    return "equal" if len(got) <= len(expected) else "differ"
+
+
+def check_chat(export_format, path, model, tokenizer, prompts) -> dict:
+    """How an export formats and answers held-out conversations, against PyTorch:
+    prompts_agree (formatted id for id), answers (compare_answers of each greedy answer), ended
+    (answers that end at the end-of-turn token)."""
+    block = model.config["block_size"]
+    budgets = [block - len(ids) for _, ids in prompts]
+    read = export_format.chat_read_back(path, [m for m, _ in prompts], budgets)
+    end_ids = {tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(END_OF_TEXT)}
+    prompts_agree, answers, ended = 0, [], 0
+    for (_, ids), budget, (got_prompt, got_answer) in zip(prompts, budgets, read):
+        prompts_agree += got_prompt == ids
+        expected = greedy_answer(model, ids, budget, end_ids)
+        answers.append(compare_answers(model, ids, expected, got_answer, export_format.tolerance))
+        ended += bool(got_answer) and got_answer[-1] == tokenizer.token_to_id(END_OF_TURN)
+    return {"prompts_agree": prompts_agree, "answers": answers, "ended": ended, "count": len(prompts)}

@@ -322,6 +322,17 @@ class HFExport:
         with torch.no_grad():
             return self.model(torch.tensor([list(tokens)])).logits[0].float().numpy()
 
+    def chat(self, messages, max_tokens: int):
+        """(the prompt's ids as apply_chat_template formats it, the greedy answer's ids: up to and
+        with the end-of-turn token where it ends)."""
+        import torch
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        return ids, out[0, len(ids):].tolist()
+
 
 @dataclass(frozen=True)
 class Format:
@@ -334,6 +345,9 @@ class Format:
     read_back: Callable         # (path, strings, windows) -> (each string's ids, each window's (len, vocab) logits)
     tolerance: float            # largest relative logit error accepted (max |difference| / max |logit|)
     bits_per_weight: Optional[Callable] = None   # path -> bits per weight, where the format says
+    # (path, conversations, max tokens of each answer) -> [(prompt ids, greedy answer ids)], as the
+    # format's own chat front end formats and answers them (a chat model's check)
+    chat_read_back: Optional[Callable] = None
     folder: bool = False        # the export is a folder, not a file
 
 
@@ -346,10 +360,15 @@ def _read_back_hf(path, strings, windows):
     return [export.tokenize(s) for s in strings], [export.logits(w) for w in windows]
 
 
+def _chat_hf(path, conversations, max_tokens):
+    export = HFExport(path)
+    return [export.chat(messages, n) for messages, n in zip(conversations, max_tokens)]
+
+
 # llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact. A GGUF is
 # read back in a child process (isolated.py): llama.cpp's crashes there are answers.
 HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, _read_back_hf,
-            2e-3, folder=True)
+            2e-3, chat_read_back=_chat_hf, folder=True)
 GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, isolated.read_back, 1e-2,
-              bits_per_weight=lambda path: tensor_types(path)[1])
+              bits_per_weight=lambda path: tensor_types(path)[1], chat_read_back=isolated.chat)
 FORMATS = [HF, GGUF]

@@ -63,6 +63,12 @@ def scores(path: str, windows: list):
     return run("scores", path=path, windows=windows)
 
 
+def chat(path: str, conversations: list, max_tokens: list):
+    """[(prompt ids, greedy answer ids)] of each conversation through llama-cpp-python's own chat
+    completion, with the GGUF's own template (export.Format.chat_read_back)."""
+    return run("chat", path=path, conversations=conversations, max_tokens=max_tokens)
+
+
 # ------------------------------------------------------------------ the child
 
 def _read_back(path, strings, windows):
@@ -77,7 +83,37 @@ def _scores(path, windows):
     return score(GGUFModel(path, logits_all=True).logits, windows)
 
 
-JOBS = {"read_back": _read_back, "scores": _scores}
+def _chat(path, conversations, max_tokens):
+    """As a user of llama-cpp-python runs a chat GGUF: Llama with the file's chat template, and
+    create_chat_completion, greedy. The prompt's ids are the tokens it evaluated before its first
+    draw; the answer's are those it evaluated after them, then the token that ended it (the
+    end-of-turn token, on finish_reason "stop"; a draw cut by max_tokens is never evaluated, so it
+    is not known)."""
+    from llama_cpp import Llama, LogitsProcessorList
+    from custom_llm.runtime import check_gguf, no_weight_repacking
+    block = check_gguf(path)
+    with no_weight_repacking():   # llama.cpp's AMX repacking crashes on these models (runtime.py)
+        llm = Llama(model_path=path, n_ctx=block, verbose=False)
+    end_of_turn = int(llm.metadata["tokenizer.ggml.eot_token_id"])
+    answers = []
+    for messages, n in zip(conversations, max_tokens):
+        seen = []
+
+        def record(input_ids, scores):
+            seen.append(len(input_ids))
+            record.ids = list(input_ids)
+            return scores
+        result = llm.create_chat_completion(messages=messages, max_tokens=n, temperature=0,
+                                            logits_processor=LogitsProcessorList([record]))
+        prompt_length = seen[0]
+        answer = record.ids[prompt_length:]
+        if result["choices"][0]["finish_reason"] == "stop":
+            answer.append(end_of_turn)
+        answers.append((record.ids[:prompt_length], answer))
+    return answers
+
+
+JOBS = {"read_back": _read_back, "scores": _scores, "chat": _chat}
 
 
 def _child(job: str, input_path: str, output_path: str) -> None:

@@ -96,7 +96,7 @@ def _field_value(field):
 
 
 @contextlib.contextmanager
-def _no_weight_repacking():
+def no_weight_repacking():
     """llama.cpp's extra buffer types repack quantized weights for AMX (some Intel CPUs), and
     that path crashes on our models (a segfault in the first decode). llama-cpp-python's Llama
     does not expose the `use_extra_bufts` model parameter, so default it to off while loading."""
@@ -130,7 +130,7 @@ class GGUFModel:
         self.path = path
         self.on_gpu = use_gpu
         mark = llama_log.mark()
-        with _no_weight_repacking():
+        with no_weight_repacking():
             try:
                 # A context of the trained block (llama.cpp rounds it up to a multiple of 256),
                 # not the file's whole position table: generate() slides at the block anyway.

@@ -31,7 +31,7 @@ CONFIG = {"n_embd": 256, "n_head": 4, "n_layer": 1, "block_size": BLOCK, "dropou
 CHILD = r"""
 import json, sys
 import llama_cpp
-from custom_llm.runtime import _no_weight_repacking
+from custom_llm.runtime import no_weight_repacking
 
 path, block, end_of_text, to_the_end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 no_end = {end_of_text: -1e9}   # the model may not stop early: it must run past the block
@@ -50,7 +50,7 @@ def outcome(generate):
 
 found = []
 for n_ctx in (None, block, 2048, 4096, 0):    # None: llama-cpp-python's default
-    with _no_weight_repacking():
+    with no_weight_repacking():
         llm = llama_cpp.Llama(model_path=path, verbose=False, **({} if n_ctx is None else {"n_ctx": n_ctx}))
     row = {"asked": n_ctx, "n_ctx": llm.n_ctx()}
     # A prompt of block - 4 tokens (one per character), then 12 new ones: past the block.
