@@ -18,6 +18,7 @@ import time
 
 from custom_llm import isolated
 from custom_llm.atomic import remove_stale_temporaries, staging
+from custom_llm.chat import is_chat_tokenizer
 from custom_llm.checks import HARD_STRINGS, chat_prompts, check_chat, check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
@@ -127,7 +128,7 @@ def main():
         print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
     say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} "
-        + ("--chat" if prompts else "--query \"Hello\""))
+        + ("--chat" if is_chat_tokenizer(tokenizer) else "--query \"Hello\""))
 
 
 def shown(path: str, folder: bool) -> str:

@@ -85,31 +85,34 @@ def _scores(path, windows):
 
 def _chat(path, conversations, max_tokens):
     """As a user of llama-cpp-python runs a chat GGUF: Llama with the file's chat template, and
-    create_chat_completion, greedy. The prompt's ids are the tokens it evaluated before its first
-    draw; the answer's are those it evaluated after them, then the token that ended it (the
-    end-of-turn token, on finish_reason "stop"; a draw cut by max_tokens is never evaluated, so it
-    is not known)."""
+    create_chat_completion, greedy. A logits processor sees each draw: the tokens evaluated before
+    the first are the prompt's, and each draw's choice (greedy: the likeliest) is the answer's next
+    token, the one that ends it included. At its max tokens the processor ends the answer itself:
+    llama-cpp-python 0.3.36 does not while the text ends in an incomplete UTF-8 character, and
+    runs on until the context is full."""
+    import numpy as np
     from llama_cpp import Llama, LogitsProcessorList
     from custom_llm.runtime import check_gguf, no_weight_repacking
     block = check_gguf(path)
     with no_weight_repacking():   # llama.cpp's AMX repacking crashes on these models (runtime.py)
         llm = Llama(model_path=path, n_ctx=block, verbose=False)
-    end_of_turn = int(llm.metadata["tokenizer.ggml.eot_token_id"])
     answers = []
     for messages, n in zip(conversations, max_tokens):
-        seen = []
+        prompt, answer = [], []
 
         def record(input_ids, scores):
-            seen.append(len(input_ids))
-            record.ids = list(input_ids)
+            if len(answer) >= n:     # the answer's max tokens: make the next draw end it
+                scores[:] = -np.inf
+                scores[llm.token_eos()] = 0.0
+                return scores
+            if not answer and not prompt:
+                prompt.extend(int(t) for t in input_ids)
+            answer.append(int(np.argmax(scores)))
             return scores
-        result = llm.create_chat_completion(messages=messages, max_tokens=n, temperature=0,
-                                            logits_processor=LogitsProcessorList([record]))
-        prompt_length = seen[0]
-        answer = record.ids[prompt_length:]
-        if result["choices"][0]["finish_reason"] == "stop":
-            answer.append(end_of_turn)
-        answers.append((record.ids[:prompt_length], answer))
+
+        llm.create_chat_completion(messages=messages, max_tokens=n + 1, temperature=0,
+                                   logits_processor=LogitsProcessorList([record]))
+        answers.append((prompt, answer[:n]))
     return answers
 
 
