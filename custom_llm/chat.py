@@ -19,8 +19,9 @@ ChatML template. The same template string goes into the HF export (chat_template
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -160,6 +161,52 @@ def encode_prompt_with(pieces, tokenize, special_id) -> list:
     for text, special, _ in text_runs(pieces):
         ids += [special_id(text)] if special else tokenize(text)
     return ids
+
+
+class TurnTooLong(Exception):
+    """The newest message alone (with the system message) leaves no room for its answer."""
+
+    def __init__(self, n_tokens: int):
+        super().__init__(n_tokens)
+        self.n_tokens = n_tokens
+
+
+@dataclass
+class Conversation:
+    """A conversation held at the prompt: an optional system message and whole turns (a user's
+    message and its answer). Before each answer it is fitted to the context: its oldest whole
+    turns go, never half a turn, and the system message stays."""
+    system: Optional[str] = None
+    turns: list = field(default_factory=list)   # [(message, answer)], oldest first
+
+    def messages(self, message: Optional[str] = None) -> list:
+        """The conversation as messages, with message as the newest user turn when given."""
+        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        for asked, answered in self.turns:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+        if message is not None:
+            messages.append({"role": "user", "content": message})
+        return messages
+
+    def fit(self, message: str, encode, limit: int):
+        """(messages, ids, n_dropped): the conversation asking message, as encode(messages) gives
+        its prompt ids, in at most limit ids; the n_dropped oldest turns that did not fit are
+        dropped for good. Raises TurnTooLong (and drops nothing) when the system message and
+        message alone are over limit."""
+        for dropped in range(len(self.turns) + 1):
+            messages = Conversation(self.system, self.turns[dropped:]).messages(message)
+            ids = encode(messages)
+            if len(ids) <= limit:
+                del self.turns[:dropped]
+                return messages, ids, dropped
+        raise TurnTooLong(len(ids))
+
+    def add(self, message: str, answer: str) -> None:
+        self.turns.append((message, answer))
+
+    def reset(self) -> None:
+        """Start over; the system message stays."""
+        self.turns.clear()
 
 
 def conversation_json(messages) -> str:

@@ -124,11 +124,14 @@ def describe(settings: Settings) -> str:
     return ", ".join(f"{k.command} {value(k)}" for k in KNOBS)
 
 
-def command_help() -> str:
+def command_help(chat: bool = False) -> str:
+    """The commands; with chat (a chat model's conversation), /reset too."""
     lines = [f"  /{k.command} {_metavar(k)}".ljust(26) + k.help
              + (" (or 'off')" if k.can_be_off else "") for k in KNOBS]
-    lines += ["  /stop".ljust(26) + "clear the stop strings",
-              "  /settings".ljust(26) + "show the current settings",
+    lines += ["  /stop".ljust(26) + "clear the stop strings"]
+    if chat:
+        lines += ["  /reset".ljust(26) + "start the conversation over"]
+    lines += ["  /settings".ljust(26) + "show the current settings",
               "  /help".ljust(26) + "this list",
               "  /quit".ljust(26) + "leave (so do Ctrl-D and an empty line)",
               "Ctrl-C stops a generation; a prompt starting with / is sent as text when written //."]

@@ -11,6 +11,7 @@ import weakref
 
 import numpy as np
 
+from custom_llm.chat import encode_prompt_with, render_pieces
 from custom_llm.errors import UserError, cannot_read
 from custom_llm.context import fit_prompt, slide
 
@@ -18,6 +19,8 @@ GGUF_MAGIC = b"GGUF"
 # The block size the model was trained on. The GGUF's own context_length is larger: its position
 # table runs on past the block so that front ends which do not slide never crash (export.py).
 TRAINED_CONTEXT_KEY = "custom_llm.trained_context_length"
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+END_OF_TURN_KEY = "tokenizer.ggml.eot_token_id"
 _load_lock = threading.Lock()
 
 
@@ -159,11 +162,41 @@ class GGUFModel:
         self.end_of_text = self.llm.token_eos()
         self.n_vocab = self.llm.n_vocab()
         self.pieces = self._read_pieces()
+        # A chat model (trained on conversations) carries its template and its end-of-turn token.
+        self.chat_template = self.llm.metadata.get(CHAT_TEMPLATE_KEY)
+        end_of_turn = self.llm.metadata.get(END_OF_TURN_KEY) if self.chat_template is not None else None
+        self.end_of_turn = int(end_of_turn) if end_of_turn is not None else None
+        self.stop_tokens = {self.end_of_text} | ({self.end_of_turn} if self.end_of_turn is not None else set())
+        self._special_ids = {}
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat_template is not None
 
     # Text <-> tokens. special=True: the literal "<|endoftext|>" is the end-of-text token,
     # as in the Python tokenizer.
     def tokenize(self, text: str) -> list:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def tokenize_literal(self, text: str) -> list:
+        """Text as text: a typed "<|im_end|>" or "<|endoftext|>" is characters, never the token."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def special_id(self, name: str) -> int:
+        """The id of a special token, by its text, from the file's vocabulary."""
+        if name not in self._special_ids:
+            ids = self.llm.tokenize(name.encode("utf-8"), add_bos=False, special=True)
+            if len(ids) != 1:
+                raise UserError(f"{self.path} has no token {name}: convert the model again with "
+                                "`python convert_to_gguf.py`")
+            self._special_ids[name] = ids[0]
+        return self._special_ids[name]
+
+    def encode_chat(self, messages) -> list:
+        """The prompt ids of a conversation, ending where the assistant's answer starts: the
+        template's special tokens by id, each message's content tokenized as text (chat.py)."""
+        return encode_prompt_with(render_pieces(messages, add_generation_prompt=True),
+                                  self.tokenize_literal, self.special_id)
 
     def token_bytes(self, token: int) -> bytes:
         return self.pieces[token]
@@ -217,7 +250,8 @@ class GGUFModel:
 
     def generate(self, prompt_tokens, max_new_tokens: int, pick_next):
         """Yield new tokens one by one. pick_next(logits) -> token, where logits is a read-only
-        view. Stops at <|endoftext|>. An empty prompt starts from <|endoftext|>, as GPT-2 does.
+        view. Stops at <|endoftext|>, and on a chat model at the end of a turn (<|im_end|>);
+        the stop token is yielded. An empty prompt starts from <|endoftext|>, as GPT-2 does.
         Follows the context rule (context.py): no position ever reaches block_size, which
         would abort the whole process inside llama.cpp."""
         window = fit_prompt(prompt_tokens or [self.end_of_text], self.block_size)
@@ -226,7 +260,7 @@ class GGUFModel:
         for produced in range(max_new_tokens):
             token = int(pick_next(logits))
             yield token
-            if token == self.end_of_text or produced == max_new_tokens - 1:
+            if token in self.stop_tokens or produced == max_new_tokens - 1:
                 return
             if len(window) < self.block_size:
                 # Room left: one more position (the per-token path: a few ctypes stores and one

@@ -134,7 +134,7 @@ class Generation:
     text: str = ""
     tokens: list = field(default_factory=list)
     n_prompt_tokens: int = 0
-    stop_reason: str = "max_tokens"     # max_tokens, end_of_text, stop_string, interrupted
+    stop_reason: str = "max_tokens"     # max_tokens, end_of_text, end_of_turn, stop_string, interrupted
     time_to_first_token_s: Optional[float] = None
     tokens_per_s: Optional[float] = None   # after the first token (the decode speed)
     total_s: float = 0.0
@@ -147,11 +147,15 @@ class Generation:
                 "settings": settings.as_dict(), "stop_reason": self.stop_reason}
 
 
-def stream(model, prompt: str, settings: Settings, sampler: Sampler, on_text=None) -> Generation:
+def stream(model, prompt: str, settings: Settings, sampler: Sampler, on_text=None,
+           prompt_tokens=None) -> Generation:
     """Generate from prompt with model (a GGUFModel), calling on_text(piece) as text becomes
-    final. Ctrl-C ends the generation (stop_reason 'interrupted') instead of the program."""
+    final; prompt_tokens, when given, are what the model reads instead of the prompt's tokens (a
+    conversation's, for a chat model). Ctrl-C ends the generation (stop_reason 'interrupted')
+    instead of the program."""
     result = Generation(prompt)
-    prompt_tokens = model.tokenize(prompt)
+    if prompt_tokens is None:
+        prompt_tokens = model.tokenize(prompt)
     result.n_prompt_tokens = len(prompt_tokens)
     sampler.start(prompt_tokens)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may split a character
@@ -172,8 +176,8 @@ def stream(model, prompt: str, settings: Settings, sampler: Sampler, on_text=Non
             last = time.perf_counter()
             first = first or last
             n_yielded += 1
-            if token == model.end_of_text:
-                result.stop_reason = "end_of_text"
+            if token in model.stop_tokens:
+                result.stop_reason = "end_of_turn" if token == model.end_of_turn else "end_of_text"
                 break
             result.tokens.append(token)
             emit(stops.feed(decoder.decode(model.token_bytes(token))))
