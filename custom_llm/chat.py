@@ -17,7 +17,6 @@ ChatML template. The same template string goes into the HF export (chat_template
     targets; the rest is context.
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -207,7 +206,3 @@ class Conversation:
     def reset(self) -> None:
         """Start over; the system message stays."""
         self.turns.clear()
-
-
-def conversation_json(messages) -> str:
-    return json.dumps({"messages": messages}, ensure_ascii=False)

@@ -360,3 +360,21 @@ def test_a_timed_chat_run_keeps_to_its_minutes(chat_file, tmp_path):
     assert result.returncode == 0, result.stderr
     log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert 0.6 * 9 < log[-1]["elapsed_s"] < 9 + 5
+
+
+def test_a_bpe_chat_model_from_scratch_and_its_cuts_reported(tmp_path):
+    long_talk = {"messages": [{"role": "user", "content": "Spell " + "ka" * 30},
+                              {"role": "assistant", "content": "-".join("ka" * 30)}]}
+    path = write_jsonl(tmp_path / "chats.jsonl", make_conversations(300, seed=4) + [long_talk] * 2)
+    assert run_script("llm_model.py", *CHAT_TINY, "--tokenizer", "bpe", "--vocab_size", 300, "-y",
+                      cwd=tmp_path).returncode == 0
+    result = run_script("train_llm.py", "--dataset_path", path, "--max_steps", 20, *QUICK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 conversations longer than a window lost their oldest turns" in result.stdout
+    tokenizer = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 302 and tokenizer.token_to_id(END_OF_TURN) == 301
+    convert = run_script("convert_to_gguf.py", cwd=tmp_path)
+    assert convert.returncode == 0, convert.stderr
+    said = convert.stdout + convert.stderr
+    assert "Chat check model.gguf: 3/3 held-out conversations formatted id for id" in said
+    assert "Chat check hf_model/: 3/3 held-out conversations formatted id for id" in said
