@@ -89,6 +89,9 @@ def main():
         say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
     prompts = chat_prompts(config, tokenizer)   # a chat model: held-out conversations to answer
+    if is_chat_tokenizer(tokenizer) and not prompts:
+        say("note: no held-out conversation to check the chat on (the training conversations are not where "
+            "the config says, or none fits the block with room for an answer): the chat check is skipped")
 
     # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
     # twice. Everything is written under temporary names and moves into place only when every file
