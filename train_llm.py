@@ -30,7 +30,7 @@ from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporar
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.conversations import is_chat_corpus, prepare_conversations
 from custom_llm.corpus import absolute_spec, find_documents, parse_dataset_answer, spec_text
-from custom_llm.data import check_split, prepare_dataset, random_offsets
+from custom_llm.data import PackedConversations, check_split, prepare_dataset, random_offsets
 from custom_llm.default_text import build_default_text
 from custom_llm.distributed import Processes
 from custom_llm.errors import UserError
@@ -61,8 +61,8 @@ LOG_PATHS = {False: ("training_log.jsonl", "loss_curve.png"), True: ("finetune_l
 def questions(recipe: str):
     fine_tuning = recipe != "from scratch"
     return [
-        Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast, else 32; fewer for "
-                 "windows over 128 tokens)", "auto",
+        Question("batch_size", "Batch size in windows (auto: 64 where bfloat16 is fast or for conversations, "
+                 "else 32; fewer for windows over 128 tokens)", "auto",
                  lambda text: "auto" if text.strip().lower() == "auto" else NUMBERS["batch_size"].parse(text)),
         Question("learning_rate", "Learning rate" + (" (fine-tuning)" if fine_tuning else ""),
                  RECIPES[recipe]["learning_rate"]),
@@ -159,10 +159,11 @@ def train(args, processes):
     set_log_paths(args, checkpoint)
     device_type = processes.device_type
     precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], device_type))
-    if plan["batch_size"] == "auto":
-        plan["batch_size"] = auto_batch_size(precision, config["block_size"])
     configure_torch(device_type, plan["seed"] + processes.rank, processes.threads_per_process())
     dataset = load_text(args, plan, config, tokenizer, processes, say)
+    if plan["batch_size"] == "auto":
+        conversations = isinstance(dataset.train, PackedConversations)
+        plan["batch_size"] = auto_batch_size(precision, config["block_size"], conversations)
     new_tokenizer = check_tokenizer_and_config(args, plan, config, dataset, checkpoint, tokenizer)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
                  if from_gpt2_folder(args) else None)

@@ -189,7 +189,8 @@ def run_stages(folder: str, args) -> float:
     shape = ["--n_embd", args.n_embd, "--n_head", args.n_head, "--n_layer", args.n_layer,
              "--block_size", args.block_size, "--dropout", args.dropout]
     stages = [("llm_model.py", ["-y", *shape]),
-              ("train_llm.py", ["-y", "--dataset_path", "train.jsonl", "--minutes", args.minutes]),
+              ("train_llm.py", ["-y", "--dataset_path", "train.jsonl", "--minutes", args.minutes,
+                                *shlex.split(args.train_flags)]),
               ("convert_to_gguf.py", [])]
     train_seconds = 0.0
     for script, flags in stages:
@@ -338,6 +339,7 @@ def main():
     parser.add_argument("--n_layer", type=int, default=4, help="llm_model.py --n_layer")
     parser.add_argument("--block_size", type=int, default=128, help="llm_model.py --block_size")
     parser.add_argument("--dropout", type=float, default=0, help="llm_model.py --dropout")
+    parser.add_argument("--train_flags", default="", help="more train_llm.py flags, e.g. '--batch_size 64'")
     parser.add_argument("--keep", action="store_true", help="keep the folder it ran in")
     parser.add_argument("--workdir", help="score a folder where this benchmark ran (with --keep) again, "
                                           "without training")
