@@ -5,6 +5,7 @@ the F16 and Q4_0 GGUFs, after a few minutes of training.
     python benchmarks/bench_chat.py --minutes 5 --keep
     python benchmarks/bench_chat.py --tasks add        # two-digit addition on its own
     python benchmarks/bench_chat.py --workdir DIR      # score again a folder kept with --keep (same flags)
+    python benchmarks/bench_chat.py --write_data chats.jsonl   # only the training conversations
 
 The conversations are made here, from a seed, so that every answer can be scored exactly:
 
@@ -339,6 +340,8 @@ def main():
     parser.add_argument("--n_layer", type=int, default=4, help="llm_model.py --n_layer")
     parser.add_argument("--block_size", type=int, default=128, help="llm_model.py --block_size")
     parser.add_argument("--dropout", type=float, default=0, help="llm_model.py --dropout")
+    parser.add_argument("--write_data", metavar="PATH",
+                        help="only write the training conversations to PATH (.jsonl), to try the chat stages by hand")
     parser.add_argument("--train_flags", default="", help="more train_llm.py flags, e.g. '--batch_size 64'")
     parser.add_argument("--keep", action="store_true", help="keep the folder it ran in")
     parser.add_argument("--workdir", help="score a folder where this benchmark ran (with --keep) again, "
@@ -349,6 +352,11 @@ def main():
     if unknown or not tasks:
         parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose from {', '.join(TASKS)}")
 
+    if args.write_data:
+        training, _ = build_sets(args.seed, args.n_train, args.n_eval, tasks, args.block_size)
+        write_jsonl(args.write_data, training)
+        print(f"wrote {len(training):,} conversations to {args.write_data}")
+        return
     cpu = cpu_summary()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()

@@ -93,9 +93,12 @@ def main():
         if result.returncode:
             print(result.stderr)
             sys.exit(1)
-        speed = re.search(r"([\d,]+) tokens/s", next(line for line in result.stdout.splitlines()
-                                                       if line.startswith("Saved ")))
-        print(f"\ntokens/s while training on conversations at GPT-2's shape: {speed.group(1)}")
+        lines = result.stdout.splitlines()
+        timed = re.search(r"about ([\d,]+) tokens/s", next(line for line in lines if line.startswith("Speed: ")))
+        whole = re.search(r"([\d,]+) tokens/s", next(line for line in lines if line.startswith("Saved ")))
+        print(f"\ntokens/s training on conversations at GPT-2's shape: {timed.group(1)} for one micro-batch "
+              f"timed before the first step; {whole.group(1)} over the whole run (its evaluation and the save "
+              "of the weights included)")
     finally:
         if args.keep:
             print(f"kept {folder}")
