@@ -59,7 +59,9 @@ def answer_and_print(model: GGUFModel, conversation: Conversation, message: str,
     """A chat model's answer to message, the newest user turn of the conversation, which then
     holds the answer too. Only the answer is printed. Raises UserError, and sends nothing, when
     the message does not fit the context with room for an answer."""
-    room = min(settings.max_tokens, model.block_size // 2)   # kept for the answer
+    # Room kept for the answer: a quarter of the context at most, so that earlier turns stay (a
+    # longer answer slides the window, as any generation does).
+    room = min(settings.max_tokens, model.block_size // 4)
     try:
         messages, ids, dropped = conversation.fit(message, model.encode_chat, model.block_size - room)
     except TurnTooLong as err:

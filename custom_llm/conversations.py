@@ -167,7 +167,7 @@ def pack(encoded: list, window: int, pad_id: int, turn_start_id: int) -> PackedC
     if ids_row:
         rows.append(ids_row)
         row_targets.append(targets_row)
-    windows = np.full((len(rows), window), pad_id, dtype=np.int64)
+    windows = np.full((len(rows), window), pad_id, dtype=np.int32)   # int64 only for a batch
     target_mask = np.zeros((len(rows), window), dtype=bool)
     for i, (ids, targets) in enumerate(zip(rows, row_targets)):
         windows[i, :len(ids)] = ids

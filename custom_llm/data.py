@@ -105,8 +105,9 @@ def get_batch(part, offsets: np.ndarray, block_size: int, device="cpu"):
     """(inputs, targets) for the windows at offsets, gathered in one go; a packed conversation's
     targets are IGNORED but for its answers."""
     if isinstance(part, PackedConversations):
-        window = torch.from_numpy(part.windows[offsets])
-        targets = torch.from_numpy(np.where(part.targets[offsets, 1:], part.windows[offsets, 1:], IGNORED))
+        window = torch.from_numpy(part.windows[offsets].astype(np.int64))
+        targets = torch.from_numpy(np.where(part.targets[offsets, 1:], part.windows[offsets, 1:], IGNORED)
+                                   .astype(np.int64))
     else:
         window = torch.from_numpy(part[offsets[:, None] + np.arange(block_size + 1)].astype(np.int64))
         targets = window[:, 1:]
