@@ -79,7 +79,7 @@ def main():
     tokenizer = load_tokenizer(args.tokenizer_path)
     check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
     model = load_trained_model(args.model_path, config)
-    eval_tokens, eval_source = held_out_tokens(args.eval_text, config, tokenizer)
+    eval_tokens, eval_source, conversations = held_out_tokens(args.eval_text, config, tokenizer)
     if eval_tokens and len(eval_tokens) > 1:
         windows = held_out_windows(eval_tokens, config["block_size"])
     elif show_report:
@@ -88,10 +88,11 @@ def main():
     else:
         say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
-    prompts = chat_prompts(config, tokenizer)   # a chat model: held-out conversations to answer
+    prompts = chat_prompts(conversations, tokenizer, config["block_size"])   # a chat model's to answer
     if is_chat_tokenizer(tokenizer) and not prompts:
         say("note: no held-out conversation to check the chat on (the training conversations are not where "
-            "the config says, or none fits the block with room for an answer): the chat check is skipped")
+            "the config says, --eval_text was given instead, or none fits the block with room for an answer): "
+            "the chat check is skipped")
 
     # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
     # twice. Everything is written under temporary names and moves into place only when every file

@@ -226,7 +226,7 @@ def main():
     model = load_trained_model(os.path.join(folder, "trained_model.pth"), config).eval()
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
     block = config["block_size"]
-    eval_tokens, source = held_out_tokens(None, config, tokenizer)
+    eval_tokens, source, _ = held_out_tokens(None, config, tokenizer)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     print(f"CPU: {CPU}; {datetime.date.today()}; commit {commit}; model {model.num_parameters() / 1e6:.2f}M "

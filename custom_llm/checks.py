@@ -47,24 +47,25 @@ HARD_STRINGS = [
 
 
 def held_out_tokens(eval_text, config, tokenizer):
-    """(tokens, where they come from): all of eval_text, else the validation part of the training
-    text recorded in the config (its held-out files, or its last 10%), which training never learned
-    from. (None, None) when neither is there."""
+    """(tokens, where they come from, held-out conversations): all of eval_text, else the validation
+    part of the training text recorded in the config (its held-out files, or its last 10%; for
+    conversations, the held-out ones, formatted one after the other, and themselves, else None),
+    which training never learned from. (None, None, None) when neither is there."""
     if eval_text:
         if not os.path.isfile(eval_text):
             raise UserError(f"--eval_text {eval_text} is not a file: give the path of a text "
                             "file to evaluate on", 2)
-        return prepare_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text
+        return prepare_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text, None
     spec = config.get("dataset_path")
     if spec and spec_exists(spec):  # the same validation tokens training used
         corpus = find_documents(spec, config.get("dataset_encoding", "utf-8"))
-        if is_chat_corpus(corpus):   # the held-out conversations, formatted one after the other
+        if is_chat_corpus(corpus):
             conversations = held_out_conversations(corpus)
             tokens = [int(t) for ids, _ in ChatFormat(tokenizer).encode_many(conversations) for t in ids]
-            return tokens, f"the {len(conversations)} held-out conversations of {spec_text(spec)}"
+            return tokens, f"the {len(conversations)} held-out conversations of {spec_text(spec)}", conversations
         dataset = prepare_dataset(corpus, tokenizer)
-        return dataset.val.tolist(), dataset.val_source
-    return None, None
+        return dataset.val.tolist(), dataset.val_source, None
+    return None, None, None
 
 
 def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
@@ -104,20 +105,17 @@ CHAT_CHECKS = 3            # held-out conversations whose formatting and greedy 
 MIN_ANSWER_ROOM = 8        # tokens an answer needs at least, within the block, to be compared
 
 
-def chat_prompts(config, tokenizer, count: int = CHAT_CHECKS) -> list:
+def chat_prompts(conversations, tokenizer, block_size: int, count: int = CHAT_CHECKS) -> list:
     """[(messages up to a held-out conversation's last answer, its ids as PyTorch formats them)]
-    for a chat model whose training conversations are there; [] otherwise."""
-    spec = config.get("dataset_path")
-    if not is_chat_tokenizer(tokenizer) or not spec or not spec_exists(spec):
-        return []
-    corpus = find_documents(spec, config.get("dataset_encoding", "utf-8"))
-    if not is_chat_corpus(corpus):
+    for the first `count` conversations that fit the block with room for an answer; [] for a
+    model that is not a chat model, or no conversations."""
+    if not conversations or not is_chat_tokenizer(tokenizer):
         return []
     chat, prompts = ChatFormat(tokenizer), []
-    for messages in held_out_conversations(corpus):
+    for messages in conversations:
         last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids = chat.encode(messages[:last_answer], add_generation_prompt=True)[0].tolist()
-        if last_answer and len(ids) + MIN_ANSWER_ROOM <= config["block_size"]:
+        if last_answer and len(ids) + MIN_ANSWER_ROOM <= block_size:
             prompts.append((messages[:last_answer], ids))
         if len(prompts) == count:
             break

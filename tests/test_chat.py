@@ -378,3 +378,17 @@ def test_a_bpe_chat_model_from_scratch_and_its_cuts_reported(tmp_path):
     said = convert.stdout + convert.stderr
     assert "Chat check model.gguf: 3/3 held-out conversations formatted id for id" in said
     assert "Chat check hf_model/: 3/3 held-out conversations formatted id for id" in said
+
+
+def test_without_its_conversations_the_chat_check_says_it_is_skipped(chat_trained, tmp_path):
+    folder, _ = chat_trained
+    for name in ("model_config.pth", "tokenizer.json", "trained_model.pth"):
+        shutil.copy(folder / name, tmp_path / name)
+    config = torch.load(tmp_path / "model_config.pth", weights_only=True)
+    config["dataset_path"] = str(tmp_path / "moved.jsonl")
+    torch.save(config, tmp_path / "model_config.pth")
+    convert = run_script("convert_to_gguf.py", cwd=tmp_path)
+    assert convert.returncode == 0, convert.stderr
+    said = convert.stdout + convert.stderr
+    assert "the chat check is skipped" in said and "Chat check" not in said
+    assert "--chat" in said
