@@ -74,6 +74,16 @@ def chat_trained(tmp_path_factory, chat_file):
     return folder, results
 
 
+def assert_the_chat_check_passes(folder):
+    """convert_to_gguf.py in folder succeeds, and formats held-out conversations as PyTorch does in
+    the HF export and the GGUF."""
+    convert = run_script("convert_to_gguf.py", cwd=folder)
+    assert convert.returncode == 0, convert.stderr
+    said = convert.stdout + convert.stderr
+    for name in ("hf_model/", "model.gguf"):
+        assert f"Chat check {name}: 3/3 held-out conversations formatted id for id" in said, said
+
+
 def char_chat_tokenizer(text="abcdefghijklmnopqrstuvwxyz -<|>\n"):
     return with_chat_tokens(build_char_tokenizer(text))
 
@@ -307,9 +317,7 @@ def test_a_text_model_fine_tuned_on_conversations_grows_its_vocabulary(text_file
     assert after.get_vocab_size() == before.get_vocab_size() + 2
     weights = torch.load(tmp_path / "trained_model.pth", weights_only=True)
     assert weights["wte.weight"].shape[0] == weights["lm_head.weight"].shape[0] == after.get_vocab_size()
-    convert = run_script("convert_to_gguf.py", cwd=tmp_path)
-    assert convert.returncode == 0, convert.stderr
-    assert "Chat check model.gguf: 3/3 held-out conversations formatted id for id" in convert.stdout + convert.stderr
+    assert_the_chat_check_passes(tmp_path)
 
 
 def test_a_gpt2_folder_fine_tuned_on_conversations(chat_file, tmp_path):
@@ -322,11 +330,7 @@ def test_a_gpt2_folder_fine_tuned_on_conversations(chat_file, tmp_path):
     assert "tokens (the model grows by as many rows)" in result.stdout
     tokenizer = load_tokenizer(str(work / "tokenizer.json"))
     assert tokenizer.token_to_id(END_OF_TURN) is not None
-    convert = run_script("convert_to_gguf.py", cwd=work)
-    assert convert.returncode == 0, convert.stderr
-    said = convert.stdout + convert.stderr
-    assert "Chat check hf_model/: 3/3 held-out conversations formatted id for id" in said
-    assert "Chat check model.gguf: 3/3 held-out conversations formatted id for id" in said
+    assert_the_chat_check_passes(work)
 
 
 def test_a_chat_run_stopped_and_resumed_ends_as_an_uninterrupted_one(chat_file, tmp_path):
@@ -373,11 +377,7 @@ def test_a_bpe_chat_model_from_scratch_and_its_cuts_reported(tmp_path):
     assert "2 conversations longer than a window lost their oldest turns" in result.stdout
     tokenizer = load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert tokenizer.get_vocab_size() == 302 and tokenizer.token_to_id(END_OF_TURN) == 301
-    convert = run_script("convert_to_gguf.py", cwd=tmp_path)
-    assert convert.returncode == 0, convert.stderr
-    said = convert.stdout + convert.stderr
-    assert "Chat check model.gguf: 3/3 held-out conversations formatted id for id" in said
-    assert "Chat check hf_model/: 3/3 held-out conversations formatted id for id" in said
+    assert_the_chat_check_passes(tmp_path)
 
 
 def test_without_its_conversations_the_chat_check_says_it_is_skipped(chat_trained, tmp_path):
