@@ -116,6 +116,11 @@ def text_runs(pieces) -> list:
     return runs
 
 
+def conversation_runs(conversations, add_generation_prompt: bool = False) -> list:
+    """Each conversation rendered, as its text_runs."""
+    return [text_runs(render_pieces(m, add_generation_prompt)) for m in conversations]
+
+
 class ChatFormat:
     """Conversations to token ids (and training targets) with a chat tokenizer."""
 
@@ -133,7 +138,10 @@ class ChatFormat:
     def encode_many(self, conversations, add_generation_prompt: bool = False) -> list:
         """[(ids as an int array, targets as a bool array)], one per conversation; their text is
         tokenized in one batch."""
-        all_runs = [text_runs(render_pieces(m, add_generation_prompt)) for m in conversations]
+        return self.encode_runs(conversation_runs(conversations, add_generation_prompt))
+
+    def encode_runs(self, all_runs) -> list:
+        """encode_many for conversations already rendered (conversation_runs)."""
         texts = [run[0] for runs in all_runs for run in runs if not run[1]]
         encodings = iter(self.literal.encode_batch(texts, add_special_tokens=False))
         encoded = []

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from custom_llm.chat import ROLES, TURN_START, ChatFormat, render_pieces, text_runs, with_chat_tokens
+from custom_llm.chat import ROLES, TURN_START, ChatFormat, conversation_runs, with_chat_tokens
 from custom_llm.corpus import Corpus, spec_text
 from custom_llm.data import PackedConversations
 from custom_llm.errors import UserError, cannot_read
@@ -126,15 +126,11 @@ def split_held_out(conversations: list):
 
 # ------------------------------------------------------------------ tokenizing and packing
 
-def chat_tokenizer_for(conversations: list, kind: str, vocab_size: int = None):
-    """A new tokenizer for conversations, with the chat's special tokens: one token per character
-    of their text, or a BPE of vocab_size trained on it."""
-    texts = [text for messages in conversations
-             for text, special, _ in text_runs(render_pieces(messages)) if not special]
+def chat_tokenizer_for(runs: list, kind: str, vocab_size: int = None):
+    """A new tokenizer for rendered conversations (chat.conversation_runs), with the chat's special
+    tokens: one token per character of their text, or a BPE of vocab_size trained on it."""
+    texts = [text for conversation in runs for text, special, _ in conversation if not special]
     if kind == "bpe":
-        if vocab_size < 258:
-            raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: run llm_model.py with "
-                            "--vocab_size 1000 or more", 2)
         return with_chat_tokens(train_bpe_tokenizer(iter(texts), vocab_size))
     return with_chat_tokens(build_char_tokenizer(dict.fromkeys("".join(texts))))
 
@@ -162,8 +158,8 @@ def pack(encoded: list, window: int, pad_id: int, turn_start_id: int) -> PackedC
             rows.append(ids_row)
             row_targets.append(targets_row)
             ids_row, targets_row = [], []
-        ids_row = ids_row + ids.tolist()
-        targets_row = targets_row + targets.tolist()
+        ids_row += ids.tolist()
+        targets_row += targets.tolist()
     if ids_row:
         rows.append(ids_row)
         row_targets.append(targets_row)
@@ -215,15 +211,16 @@ def prepare_conversations(corpus: Corpus, tokenizer, config: dict) -> Conversati
     the chat tokens, or a new one) and packed into windows of the config's block_size + 1."""
     conversations, notes = read_conversations(corpus)
     training, held_out = split_held_out(conversations)
+    runs_train, runs_val = conversation_runs(training), conversation_runs(held_out)   # rendered once
     if tokenizer is None:
-        tokenizer = chat_tokenizer_for(training + held_out, config.get("tokenizer", "char"),
+        tokenizer = chat_tokenizer_for(runs_train + runs_val, config.get("tokenizer", "char"),
                                        config.get("vocab_size_requested", config.get("vocab_size")))
     else:
         tokenizer = with_chat_tokens(tokenizer)
     chat = ChatFormat(tokenizer)
     window, pad_id, turn_start = config["block_size"] + 1, tokenizer.token_to_id(END_OF_TEXT), \
         tokenizer.token_to_id(TURN_START)
-    encoded_train, encoded_val = chat.encode_many(training), chat.encode_many(held_out)
+    encoded_train, encoded_val = chat.encode_runs(runs_train), chat.encode_runs(runs_val)
     n_characters = sum(len(m["content"]) for messages in conversations for m in messages)
     n_tokens = sum(len(ids) for ids, _ in encoded_train + encoded_val)
     return ConversationSet(tokenizer, pack(encoded_train, window, pad_id, turn_start),

@@ -43,9 +43,6 @@ def bpe_tokenizer_for(corpus: Corpus, vocab_size: int):
     tokenizer = _tokenizer_from_cache(cached)
     if tokenizer is not None:
         return tokenizer, True
-    if vocab_size < 258:
-        raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
-                        "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
     tokenizer = train_bpe_tokenizer(corpus.texts(), vocab_size)
     save_checked(cached, tokenizer.to_str())
     return tokenizer, False
