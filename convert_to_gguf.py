@@ -18,7 +18,7 @@ import time
 
 from custom_llm import isolated
 from custom_llm.atomic import remove_stale_temporaries, staging
-from custom_llm.chat import is_chat_tokenizer
+from custom_llm.chat_format import template_of_config
 from custom_llm.checks import HARD_STRINGS, chat_prompts, check_chat, check_export, held_out_tokens, held_out_windows
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
@@ -74,30 +74,50 @@ def main():
         quant_types = parse_quant_types(args.quant_type)
     show_report = args.report or len(quant_types) > 1
 
-    # Load.
+    config, tokenizer, model = load_model(args)
+    held_out, windows, prompts = what_to_check_on(args, config, tokenizer, show_report)
+    quantized = {quant_type: f"{args.gguf_output}.{quant_type}.gguf" for quant_type in quant_types}
+    export_and_check(args, model, tokenizer, quantized, windows, prompts)
+    if show_report:
+        print_report(model, held_out.tokens, held_out.source, args, {"F16": args.gguf_output, **quantized})
+    suggested = quantized.get("Q4_0", quantized[quant_types[0]])
+    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} "
+        + ("--chat" if template_of_config(config, tokenizer) else "--query \"Hello\""))
+
+
+def load_model(args):
+    """The config, the tokenizer and the trained model, checked to belong together."""
     config = load_config(args.config_path)
     tokenizer = load_tokenizer(args.tokenizer_path)
     check_tokenizer_fits(tokenizer, config, args.tokenizer_path, args.config_path)
-    model = load_trained_model(args.model_path, config)
-    eval_tokens, eval_source, conversations = held_out_tokens(args.eval_text, config, tokenizer)
-    if eval_tokens and len(eval_tokens) > 1:
-        windows = held_out_windows(eval_tokens, config["block_size"])
+    return config, tokenizer, load_trained_model(args.model_path, config)
+
+
+def what_to_check_on(args, config, tokenizer, show_report):
+    """(what training held out (checks.held_out_tokens) or None, the windows whose logits are
+    compared, a chat model's held-out conversations to format and answer)."""
+    held_out = held_out_tokens(args.eval_text, config, tokenizer)
+    if held_out and len(held_out.tokens) > 1:
+        windows = held_out_windows(held_out.tokens, config["block_size"])
     elif show_report:
         raise UserError("the report needs held-out text, and the training text recorded in the config "
                         f"({spec_text(config.get('dataset_path') or '')}) is not there: pass --eval_text FILE", 2)
     else:
         say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
-    prompts = chat_prompts(conversations, tokenizer, config["block_size"])   # a chat model's to answer
-    if is_chat_tokenizer(tokenizer) and not prompts:
+    prompts = chat_prompts(held_out and held_out.conversations, tokenizer, config)
+    if template_of_config(config, tokenizer) and not prompts:
         say("note: no held-out conversation to check the chat on (the training conversations are not where "
             "the config says, --eval_text was given instead, or none fits the block with room for an answer): "
             "the chat check is skipped")
+    return held_out, windows, prompts
 
-    # Export, then quantize from full-precision weights, not from the F16 file, so nothing is rounded
-    # twice. Everything is written under temporary names and moves into place only when every file
-    # passed its check: a failure leaves the previous files as they were.
-    quantized = {quant_type: f"{args.gguf_output}.{quant_type}.gguf" for quant_type in quant_types}
+
+def export_and_check(args, model, tokenizer, quantized: dict, windows, prompts) -> None:
+    """Write every export, then quantize from full-precision weights, not from the F16 file, so
+    nothing is rounded twice; check each against the model. Everything is written under temporary
+    names and moves into place only when every file passed its check: a failure leaves the
+    previous files as they were."""
     source = f"{args.gguf_output}.source-f32"
     for path in [getattr(args, f.flag) for f in FORMATS] + list(quantized.values()) + [source]:
         remove_stale_temporaries(path)   # left by a run that was killed
@@ -115,12 +135,11 @@ def main():
         for quant_type, path in quantized.items():
             with stage.path(path) as tmp:
                 quantize(f32, tmp, quant_type, args.llama_cpp_path)
-            report_written(path, tmp, quant_type, config)
+            report_written(path, tmp, quant_type, model.config)
             written.append((GGUF, path, tmp, None))   # quantized: no tolerance, a report
         os.remove(f32)
         say(f"Export took {time.time() - started:.1f}s")
 
-        # Check what was written against the PyTorch model.
         failures = []
         for export_format, path, tmp, tolerance in written:
             failures += check_and_say(export_format, path, tmp, tolerance, model, tokenizer, windows)
@@ -128,11 +147,6 @@ def main():
                 failures += check_chat_and_say(export_format, path, tmp, tolerance, model, tokenizer, prompts)
         if failures:
             raise UserError("; ".join(failures) + "; nothing was replaced: the previous files are untouched")
-    if show_report:
-        print_report(model, eval_tokens, eval_source, args, {"F16": args.gguf_output, **quantized})
-    suggested = quantized.get("Q4_0", quantized[quant_types[0]])
-    say(f"Done. Try it:\n  python inference_gguf.py --gguf_path {suggested} "
-        + ("--chat" if is_chat_tokenizer(tokenizer) else "--query \"Hello\""))
 
 
 def shown(path: str, folder: bool) -> str:

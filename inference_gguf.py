@@ -24,7 +24,7 @@ import os
 import sys
 
 from custom_llm import terminal
-from custom_llm.chat import CHAT_TEMPLATE, Conversation, TurnTooLong
+from custom_llm.chat_format import ChatHistory, TurnTooLong
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.commands import add_setting_flags, apply_command, command_help, describe, settings_from_flags
 from custom_llm.errors import UserError
@@ -54,7 +54,7 @@ def generate_and_print(model: GGUFModel, prompt: str, settings: Settings, sample
     return run_and_print(model, prompt, settings, sampler, as_json)
 
 
-def answer_and_print(model: GGUFModel, conversation: Conversation, message: str, settings: Settings,
+def answer_and_print(model: GGUFModel, conversation: ChatHistory, message: str, settings: Settings,
                      sampler: Sampler, as_json: bool):
     """A chat model's answer to message, the newest user turn of the conversation, which then
     holds the answer too. Only the answer is printed. Raises UserError, and sends nothing, when
@@ -111,7 +111,7 @@ def resource_line(result, use) -> str:
 
 
 def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json: bool, name: str,
-                conversation: Conversation = None) -> None:
+                conversation: ChatHistory = None) -> None:
     """Prompts until an empty line, Ctrl-D or /quit. Lines starting with / change settings. With
     a conversation (a chat model), each line is the user's next turn."""
     interactive = sys.stdin.isatty()
@@ -159,7 +159,7 @@ def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json:
             say("\n[interrupted]")
 
 
-def run_command(text: str, settings: Settings, conversation: Conversation = None):
+def run_command(text: str, settings: Settings, conversation: ChatHistory = None):
     command, _, argument = text.partition(" ")
     if command == "quit":
         return "quit"
@@ -226,10 +226,7 @@ def chat_for(model: GGUFModel, args):
             raise UserError(f"{flag}: {args.gguf_path} was not trained on conversations (it has no chat "
                             "template); it continues text: run it without " + flag, 2)
         return None
-    if model.chat_template != CHAT_TEMPLATE:
-        raise UserError(f"{args.gguf_path} has a chat template this tool does not know: convert the model "
-                        "again with `python convert_to_gguf.py`")
-    return Conversation(system=args.system)
+    return ChatHistory(system=args.system)
 
 
 if __name__ == "__main__":

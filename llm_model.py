@@ -2,27 +2,53 @@
 
     python llm_model.py                 # answer the questions
     python llm_model.py --n_layer 4 -y  # flags for some, defaults for the rest
+    printf '5000\n64\n4\n2\n64\n0.0\n' | python llm_model.py   # piped answers, in the questions' order
 
-The model itself is custom_llm/model.py; `from llm_model import GPTLanguageModel` still works.
+The first question is the vocabulary: a number is a BPE of that many tokens, learned from your
+text by train_llm.py; `char` is one token per character of it. Every answer is checked here, so a
+shape that cannot train is refused now, with its reason, not later in training. The model itself
+is an architecture module (custom_llm/architectures.py); `from llm_model import build_model` makes
+the model a saved config describes.
 """
 
+from custom_llm.architectures import DEFAULT as DEFAULT_ARCHITECTURE
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
 from custom_llm.files import save_config
+from custom_llm.flags import parse_number
 from custom_llm.memory import check_memory
-from custom_llm.model import GPTLanguageModel, count_parameters
+from custom_llm.model import build_model, count_parameters
 from custom_llm.terminal import say
-from custom_llm.tokenizer import build_char_tokenizer
+from custom_llm.tokenizer import MIN_BPE_VOCABULARY, build_char_tokenizer
 
-__all__ = ["GPTLanguageModel"]
-
-
-def tokenizer_kind(text: str) -> str:
-    if text.strip().lower() not in ("char", "bpe"):
-        raise ValueError(f"{text!r} is not a tokenizer kind: choose char or bpe")
-    return text.strip().lower()
+__all__ = ["build_model"]
+DEFAULT_BPE_SIZE = 10000   # --tokenizer bpe without a size
 
 
-def questions():
+def vocabulary(text: str):
+    """'char', or a BPE size: a whole number of at least MIN_BPE_VOCABULARY."""
+    if text.strip().lower() == "char":
+        return "char"
+    try:
+        size = parse_number(text.strip(), int)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither char nor a whole number of tokens") from None
+    if size < MIN_BPE_VOCABULARY:
+        raise ValueError(f"a BPE vocabulary of {size} tokens cannot hold the 256 byte tokens, <|endoftext|> and "
+                         f"one merge: give {MIN_BPE_VOCABULARY} or more (1000 to 50000 is usual), or char for one "
+                         "token per character")
+    return size
+
+
+def questions(tokenizer_flag=None):
+    """The questions, in the order piped answers follow. --tokenizer (an older way to choose)
+    sets what the vocabulary question means when it is not answered."""
+    def fits_tokenizer_flag(answer, answers):
+        if tokenizer_flag == "char" and answer != "char":
+            return f"{answer} is a BPE size, but --tokenizer char has one token per character: leave one out"
+        if tokenizer_flag == "bpe" and answer == "char":
+            return "char contradicts --tokenizer bpe: give a BPE size, or leave out --tokenizer"
+        return None
+
     def divides_n_embd(n_head, answers):
         n_embd = answers["n_embd"]
         if n_embd % n_head:
@@ -30,17 +56,10 @@ def questions():
                    + ", ".join(str(d) for d in (1, 2, 4, 8, 16) if n_embd % d == 0)
         return None
 
-    def only_for_bpe(answers):
-        if answers["tokenizer"] != "bpe":
-            return ("only the bpe tokenizer has a size to choose; the char tokenizer's vocabulary is the "
-                    "characters of your text: add --tokenizer bpe, or leave out --vocab_size")
-        return None
-
     return [
-        Question("tokenizer", "Tokenizer: char (per character) or bpe (learned from your text)",
-                 "char", tokenizer_kind),
-        Question("vocab_size", "BPE vocabulary size (tokens to learn from your text)", 10000,
-                 not_applicable=only_for_bpe),
+        Question("vocab_size", "Vocabulary: a number of tokens for a BPE learned from your text, or char for one "
+                 "token per character", DEFAULT_BPE_SIZE if tokenizer_flag == "bpe" else "char", vocabulary,
+                 check=fits_tokenizer_flag),
         Question("n_embd", "Embedding size (n_embd)", 256),
         Question("n_head", "Number of attention heads (n_head)", 8, check=divides_n_embd),
         Question("n_layer", "Number of layers (n_layer)", 6),
@@ -64,16 +83,19 @@ def size_line(config: dict) -> str:
 
 def main():
     parser = ArgumentParser(description="Choose the shape of your GPT and save it.")
-    qs = questions()
-    add_question_flags(parser, qs)
+    parser.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
+                        help="char or bpe; the same as answering the vocabulary question with char or a size "
+                             f"(--tokenizer bpe alone: {DEFAULT_BPE_SIZE} tokens)")
+    add_question_flags(parser, questions())
     parser.add_argument("--output", default="model_config.pth", help="where to save the config")
     args = parser.parse_args()
 
-    config = ask("Configure your LLM model:", qs, args)
-    if config["tokenizer"] == "char":
-        # Until train_llm.py counts the text's characters: the 256 bytes and the special tokens
-        # every char tokenizer has.
-        config["vocab_size"] = build_char_tokenizer([]).get_vocab_size()
+    config = ask("Configure your LLM model:", questions(args.tokenizer), args)
+    # The char tokenizer's size is known once train_llm.py has counted the text's characters:
+    # until then, the 256 bytes and the special tokens every char tokenizer has.
+    vocab = config["vocab_size"]
+    config.update(architecture=DEFAULT_ARCHITECTURE, tokenizer="char" if vocab == "char" else "bpe",
+                  vocab_size=build_char_tokenizer([]).get_vocab_size() if vocab == "char" else vocab)
     check_memory(config)
     save_config(config, args.output)
     say(f"Saved {args.output}: {size_line(config)}")

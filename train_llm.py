@@ -15,47 +15,31 @@ Starting from trained weights (either kind) fine-tunes, at a smaller learning ra
 and loss curve go to finetune_log.jsonl and finetune_loss_curve.png, beside the first run's.
 """
 
-import dataclasses
-import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-from custom_llm import terminal
-from custom_llm.atomic import atomic_path, check_writable, remove_stale_temporaries
-from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
-from custom_llm.conversations import is_chat_corpus, prepare_conversations
-from custom_llm.corpus import absolute_spec, find_documents, parse_dataset_answer, spec_text
-from custom_llm.data import PackedConversations, check_split, prepare_dataset, random_offsets
-from custom_llm.default_text import build_default_text
+from custom_llm import start, terminal
+from custom_llm.cli import ArgumentParser, Question, add_question_flags, run
+from custom_llm.corpus import parse_dataset_answer
 from custom_llm.distributed import Processes
 from custom_llm.errors import UserError
-from custom_llm.files import (check_resume, check_tokenizer_fits, load_checkpoint, load_config, load_trained_model,
-                              save_config, save_weights)
+from custom_llm.files import save_weights
 from custom_llm.flags import NUMBERS
-from custom_llm.gpt2 import check_starting_point, load_gpt2_model, read_gpt2_folder
-from custom_llm.memory import check_memory, training_memory_bytes
-from custom_llm.model import GPTLanguageModel, grow_vocabulary
-from custom_llm.optimizer import make_optimizer
+from custom_llm.gpt2_folder import check_starting_point
+from custom_llm.memory import check_memory
+from custom_llm.model import build_model
 from custom_llm.precision import choose_precision
 from custom_llm.progress import Progress
 from custom_llm.resources import peak_rss_bytes
-from custom_llm.schedule import RECIPES, EvaluationSchedule, TimeBudget, default_warmup, learning_rate_at
-from custom_llm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_hash
-from custom_llm.tokens_cache import bpe_tokenizer_for
-from custom_llm.training import (UNMEASURED, Clock, LoopState, Run, StepPlan, StopRequest, append_log,
-                                 auto_batch_size, configure_torch, continue_log, estimate_loss, forward_backward,
-                                 micro_batch_for, pick_device, plot_losses, restore, save_checkpoint, speed_estimate,
-                                 summary, upgrade_checkpoint)
-
-DEFAULT_TEXT = "input.txt"
-FINE_TUNING_DROPOUT = 0.1   # GPT-2's own; nanoGPT's advice for fine-tuning is 0.1 or more
-# Where a run's log and loss curve go: a fine-tuning run keeps the first run's.
-LOG_PATHS = {False: ("training_log.jsonl", "loss_curve.png"), True: ("finetune_log.jsonl", "finetune_loss_curve.png")}
+from custom_llm.schedule import RECIPES, default_warmup, learning_rate_at
+from custom_llm.tokenizer import tokenizer_hash
+from custom_llm.training import (UNMEASURED, StopRequest, append_log, auto_batch_size, configure_torch,
+                                 estimate_loss, forward_backward, pick_device, plot_losses, save_checkpoint,
+                                 speed_estimate, summary)
 
 
 def questions(recipe: str):
@@ -68,13 +52,8 @@ def questions(recipe: str):
                  RECIPES[recipe]["learning_rate"]),
         Question("max_epochs", "Number of epochs", 5),
         Question("dataset_path", "Your text: a file, a folder, or several paths and globs separated by spaces",
-                 DEFAULT_TEXT, parse_dataset_answer, several=True),
+                 start.DEFAULT_TEXT, parse_dataset_answer, several=True),
     ]
-
-
-# Flags that shape the run's result: kept in the checkpoint, so --resume follows the same plan.
-PLAN_FLAGS = ("minutes", "max_steps", "seed", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-              "eval_interval", "eval_batches", "grad_accum_steps", "optimizer", "dtype", "init_from")
 
 
 def parse_args():
@@ -150,46 +129,43 @@ def main():
 
 def train(args, processes):
     """Read and check every input, then write; train; report. Only rank 0 asks, reads the run's
-    files, talks and writes; the other processes get what it read and need only the text."""
+    files, talks and writes; the other processes get what it read and need only the data."""
     say = terminal.say if processes.is_main else (lambda *a, **k: None)
 
-    # Read and check everything before writing anything: a failure leaves every file as it was.
-    checkpoint, config, tokenizer, plan = processes.share_from_main(lambda: read_inputs(args))
-    starting_vocab_size = config["vocab_size"]   # of the weights to start from (--init_from)
-    set_log_paths(args, checkpoint)
-    device_type = processes.device_type
-    precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], device_type))
-    configure_torch(device_type, plan["seed"] + processes.rank, processes.threads_per_process())
-    dataset = load_text(args, plan, config, tokenizer, processes, say)
+    # Set up: everything is read and checked before anything is written, so a failure leaves
+    # every file as it was.
+    setup = processes.share_from_main(lambda: start.read_setup(args, questions))
+    plan, config = setup.plan, setup.config
+    precision = processes.share_from_main(lambda: choose_precision(plan["dtype"], processes.device_type))
+    configure_torch(processes.device_type, plan["seed"] + processes.rank, processes.threads_per_process())
+    dataset = start.load_dataset(setup, args.encoding, processes, say)
     if plan["batch_size"] == "auto":
-        conversations = isinstance(dataset.train, PackedConversations)
-        plan["batch_size"] = auto_batch_size(precision, config["block_size"], conversations)
-    new_tokenizer = check_tokenizer_and_config(args, plan, config, dataset, checkpoint, tokenizer)
+        plan["batch_size"] = auto_batch_size(precision, config["block_size"], dataset.sparse_targets)
+    new_tokenizer = start.complete_config(setup, dataset, args.encoding)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
-                 if from_gpt2_folder(args) else None)
+                 if setup.start.kind == start.GPT2_FOLDER else None)
     # The starting weights: rank 0 reads them; they reach the others through DistributedDataParallel.
-    model = processes.share_from_main(lambda: load_starting_model(args, config, starting_vocab_size),
-                                      elsewhere=lambda: GPTLanguageModel(config))
+    model = processes.share_from_main(lambda: start.load_starting_model(setup), elsewhere=lambda: build_model(config))
 
-    # Everything is read: now the run's files.
+    # Everything is read: now the run's files, and the run.
     if processes.is_main:
-        write_run_files(args, config, dataset, checkpoint, new_tokenizer)
-    training = start_run(args, model.to(processes.device), plan, dataset, processes, precision, checkpoint)
+        start.write_run_files(setup, dataset, new_tokenizer)
+    training = start.build_run(setup, args, model.to(processes.device), dataset, processes, precision)
     say(summary(training))
-    if plan.get("init_from"):
+    if setup.start.fine_tuning:
         say(f"Fine-tuning {plan['init_from']}: {plan['optimizer']} at peak learning rate {plan['learning_rate']:g} "
             f"with {training.state.warmup_steps} warmup steps" +
             ("" if args.learning_rate is not None or args.optimizer is not None else
              " (small steps keep what the model learned; --learning_rate and --optimizer change them)") +
-            f"; log: {args.metrics_path}, curve: {args.plot_path} (the first run's "
-            f"{LOG_PATHS[False][0]} and {LOG_PATHS[False][1]} are kept)")
+            f"; log: {setup.files.metrics}, curve: {setup.files.plot} (the first run's "
+            f"{start.LOG_PATHS[False][0]} and {start.LOG_PATHS[False][1]} are kept)")
     say(speed_estimate(training))
 
-    train_loop(training, args, tokenizer_hash(dataset.tokenizer))
-    report(training, args, say)
+    train_loop(training, tokenizer_hash(dataset.tokenizer))
+    report(training, say)
 
 
-def train_loop(run, args, tokenizer_key):
+def train_loop(run, tokenizer_key):
     """The run, step by step: what a step does, and when to evaluate, save and stop. Validation
     every eval_interval steps, at each epoch's end and after the last step; a checkpoint every
     checkpoint_interval steps or checkpoint_minutes, on Ctrl-C (then exit 130) and at the end."""
@@ -206,10 +182,8 @@ def train_loop(run, args, tokenizer_key):
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             run.optimizer.zero_grad(set_to_none=True)
-            offsets = random_offsets(run.generator, run.dataset.train, run.block_size,
-                                     steps.batch_size * steps.micro_batches)
-            loss = forward_backward(run.train_model, run.dataset.train, offsets, steps, processes, run.block_size,
-                                    run.autocast)
+            offsets = run.dataset.draw("train", run.generator, steps.batch_size * steps.micro_batches)
+            loss = forward_backward(run.train_model, run.dataset, offsets, steps, processes, run.autocast)
             if plan["grad_clip"] > 0:   # 0: no clipping
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), plan["grad_clip"])
             run.optimizer.step()
@@ -225,26 +199,26 @@ def train_loop(run, args, tokenizer_key):
             if run.schedule.due(state.step, state.last_eval_step, state.total_steps):
                 evaluation_started = run.clock.session()
                 epoch_ends = run.schedule.epoch_ends(state.step, state.total_steps)
-                evaluate_and_log(run, args, window_losses, epoch_losses if epoch_ends else None, lr, progress)
+                evaluate_and_log(run, window_losses, epoch_losses if epoch_ends else None, lr, progress)
                 window_losses, epoch_losses = [], ([] if epoch_ends else epoch_losses)
                 if run.budget:   # the next estimate counts it
                     run.budget.record_evaluation(run.clock.session() - evaluation_started)
 
             stopping = processes.any(stop.requested)
-            checkpoint_due = (state.step % args.checkpoint_interval == 0
-                              or run.clock.session() - last_checkpoint > 60 * args.checkpoint_minutes)
+            checkpoint_due = (state.step % run.checkpoint_interval == 0
+                              or run.clock.session() - last_checkpoint > run.checkpoint_seconds)
             if processes.is_main and (stopping or checkpoint_due):
-                save_checkpoint(run, args.checkpoint_path, tokenizer_key)
+                save_checkpoint(run, tokenizer_key)
                 last_checkpoint = run.clock.session()
             if stopping:
                 progress.close()
                 if processes.is_main:
                     terminal.say(f"Stopped at step {state.step}/{state.total_steps}; checkpoint saved to "
-                                 f"{args.checkpoint_path}. Resume with: python train_llm.py --resume", sys.stderr)
+                                 f"{run.files.checkpoint}. Resume with: python train_llm.py --resume", sys.stderr)
                 raise SystemExit(130)
         progress.close()
         if processes.is_main:
-            save_checkpoint(run, args.checkpoint_path, tokenizer_key)
+            save_checkpoint(run, tokenizer_key)
 
 
 def fit_plan_to_budget(run, progress) -> None:
@@ -257,20 +231,20 @@ def fit_plan_to_budget(run, progress) -> None:
     state.total_steps = max(state.step, run.budget.total_steps(
         state.step, run.clock.elapsed(), run.schedule.evaluations_per_step(), plan["eval_batches"]))
     if first and plan["warmup_steps"] is None:
-        state.warmup_steps = default_warmup(state.total_steps, fine_tuning=bool(plan.get("init_from")))
+        state.warmup_steps = default_warmup(state.total_steps, fine_tuning=run.fine_tuning)
     if first:
         progress.write(f"About {state.total_steps} steps fit in {plan['minutes']:g} min "
                        f"({run.budget.mean_step_seconds():.2f}s per step); the schedule is laid over them")
 
 
-def evaluate_and_log(run, args, window_losses, epoch_losses, lr, progress) -> None:
+def evaluate_and_log(run, window_losses, epoch_losses, lr, progress) -> None:
     """Validation loss on the same windows every time; rank 0 saves the weights when they are the
     best so far and logs a row (with the training loss since the last evaluation). One line says
     it; at an epoch's end (epoch_losses given) with the epoch's mean training loss."""
     state, steps, processes = run.state, run.steps, run.processes
     state.last_eval_step = state.step
     # Every process evaluates the same windows, so they stay in step without waiting.
-    val_loss = estimate_loss(run.model, run.dataset.val, steps.micro_batch_size, run.block_size,
+    val_loss = estimate_loss(run.model, run.dataset, steps.micro_batch_size,
                              run.plan["eval_batches"] * steps.batch_size // steps.micro_batch_size,
                              processes.device, run.autocast)
 
@@ -281,9 +255,9 @@ def evaluate_and_log(run, args, window_losses, epoch_losses, lr, progress) -> No
     if val_loss < state.best_val:
         state.best_val, state.best_step = val_loss, state.step
         if processes.is_main:
-            save_weights(run.model, args.output)
+            save_weights(run.model, run.files.output)
     if processes.is_main:
-        append_log(args.metrics_path, {
+        append_log(run.files.metrics, {
             "step": state.step, "tokens": state.step * steps.tokens_per_step,
             "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "lr": lr,
             "tokens_per_s": round(run.tokens_per_second()), "elapsed_s": round(run.clock.elapsed(), 2),
@@ -297,219 +271,21 @@ def evaluate_and_log(run, args, window_losses, epoch_losses, lr, progress) -> No
                        f"loss {mean(epoch_losses):.4f}, {losses}", sys.stdout)
 
 
-def report(run, args, say):
+def report(run, say):
     """The loss curve, and what the run achieved."""
-    drawn = run.processes.is_main and plot_losses(args.metrics_path, args.plot_path)
+    files = run.files
+    drawn = run.processes.is_main and plot_losses(files.metrics, files.plot)
     state, seconds = run.state, run.clock.session()
     steps_run = state.total_steps - run.first_step
     # Bits per character make char and BPE models comparable: loss per token / characters per token.
     budget = f" (budget {run.plan['minutes']:g} min)" if run.budget else ""
     memory = (f"; peak memory {peak_rss_bytes() / 2**30:.2f} GB (estimated {run.memory_estimate / 2**30:.2f})"
               if run.device_type == "cpu" else "")
-    say(f"Saved {args.output}: weights from step {state.best_step} (validation loss {state.best_val:.4f} per token, "
+    say(f"Saved {files.output}: weights from step {state.best_step} (validation loss {state.best_val:.4f} per token, "
         f"{state.best_val / math.log(2) / run.dataset.characters_per_token:.3f} bits per character); "
         f"{steps_run} steps in {seconds:.1f}s{budget}, {steps_run * run.steps.tokens_per_step / seconds:,.0f} "
-        f"tokens/s{memory}. Log: {args.metrics_path}, curve: "
-        + (args.plot_path if drawn else "none (the log has no rows: it was deleted after its last evaluation)"))
-
-
-# ------------------------------------------------------------------ reading and checking the inputs
-
-def read_inputs(args):
-    """Rank 0: the checkpoint (--resume), the model config and tokenizer, and the plan."""
-    checkpoint = upgrade_checkpoint(load_checkpoint(args.checkpoint_path), args.dtype) if args.resume else None
-    set_log_paths(args, checkpoint)
-    config, tokenizer = load_config_and_tokenizer(args)
-    return checkpoint, config, tokenizer, ask_plan(args, checkpoint)
-
-
-def set_log_paths(args, checkpoint) -> None:
-    """A fine-tuning run keeps the first run's log and curve, and writes its own beside them."""
-    fine_tuning = bool(checkpoint["plan"].get("init_from") if checkpoint else args.init_from)
-    args.metrics_path = args.metrics_path or LOG_PATHS[fine_tuning][0]
-    args.plot_path = args.plot_path or LOG_PATHS[fine_tuning][1]
-
-
-def recipe_of(args) -> str:
-    """Which of schedule.RECIPES the run's defaults come from."""
-    return "gpt2" if from_gpt2_folder(args) else "trained weights" if args.init_from else "from scratch"
-
-
-def from_gpt2_folder(args) -> bool:
-    """--init_from names a Hugging Face GPT-2 folder (else trained weights, or nothing)."""
-    return bool(args.init_from) and os.path.isdir(args.init_from)
-
-
-def load_config_and_tokenizer(args):
-    """The model config, and the tokenizer the run keeps (None: one is made from the text). From a
-    GPT-2 folder both are its own, over whatever else model_config.pth holds; from trained weights
-    (and on --resume) they are the first run's."""
-    if from_gpt2_folder(args):
-        config = load_config(args.config_path) if os.path.exists(args.config_path) else {}
-        gpt2_config, tokenizer = read_gpt2_folder(args.init_from)
-        config.update(gpt2_config, dropout=FINE_TUNING_DROPOUT, tokenizer="bpe")
-        config.pop("vocab_size_requested", None)   # the size asked of a BPE trained here: none is
-        return config, tokenizer
-    config = load_config(args.config_path)
-    return config, load_tokenizer(args.tokenizer_path) if (args.resume or args.init_from) else None
-
-
-def load_starting_model(args, config, starting_vocab_size):
-    """A new model, or the weights to fine-tune: a GPT-2 folder's, or trained_model.pth's, grown
-    by rows for tokens their tokenizer gained here (the chat's)."""
-    if not args.init_from:
-        return GPTLanguageModel(config)
-    weights_config = dict(config, vocab_size=starting_vocab_size)
-    if from_gpt2_folder(args):
-        model = load_gpt2_model(args.init_from, weights_config)
-    else:
-        model = load_trained_model(args.init_from, weights_config)
-    model = grow_vocabulary(model, config["vocab_size"]).train()
-    model.config.update(config)
-    return model
-
-
-def ask_plan(args, checkpoint) -> dict:
-    """Rank 0: clear the way for the run's files, then the plan: the checkpoint's on --resume,
-    else the answers to the questions and the plan flags. Makes a default text if there is none."""
-    for path in (args.output, args.checkpoint_path, args.tokenizer_path, args.metrics_path, args.plot_path,
-                 args.config_path, args.manifest_path):
-        check_writable(path)
-        remove_stale_temporaries(path)  # left by a run that was killed while writing
-    if checkpoint:
-        plan = checkpoint["plan"]
-        terminal.say(f"Resuming from {args.checkpoint_path} at step {checkpoint['step']}")
-    else:
-        # A timed run's length is its time: the number of epochs is not asked.
-        plan = ask("Configure training parameters:",
-                   [q for q in questions(recipe_of(args))
-                    if not (args.minutes and q.name == "max_epochs")], args)
-        plan.setdefault("max_epochs", None)
-        plan.update({name: getattr(args, name) for name in PLAN_FLAGS})
-        plan["optimizer"] = args.optimizer or RECIPES[recipe_of(args)]["optimizer"]
-    if plan["dataset_path"] == DEFAULT_TEXT and not os.path.exists(DEFAULT_TEXT):
-        n_chars = build_default_text(DEFAULT_TEXT)
-        terminal.say(f"No {DEFAULT_TEXT} here, so one was made for you: {n_chars:,} characters of Python's "
-              "own documentation. Give --dataset_path to train on your text.")
-    return plan
-
-
-def load_text(args, plan, config, tokenizer, processes, say):
-    """The text's tokens, with the given tokenizer (the run's own on --resume and --init_from), else
-    a new one (BPE trained on the text, or the characters found while encoding it). Rank 0 prepares
-    them first and fills the cache; the other processes then read them from it. Conversations
-    (JSONL) are packed into windows instead, with the tokenizer grown by the chat's tokens."""
-    started = time.time()
-    with processes.main_first():
-        corpus = find_documents(plan["dataset_path"], args.encoding)   # once per run: every later step uses it
-        if is_chat_corpus(corpus):
-            return load_conversations(corpus, config, tokenizer, started, say)
-        if tokenizer is None and config.get("tokenizer") == "bpe":
-            target = config.get("vocab_size_requested", config["vocab_size"])
-            tokenizer, cached = bpe_tokenizer_for(corpus, target)
-            config["vocab_size_requested"] = target
-            say(f"BPE tokenizer: {tokenizer.get_vocab_size()} tokens" +
-                (" (from the token cache)" if cached else f", trained in {time.time() - started:.1f}s"))
-        dataset = prepare_dataset(corpus, tokenizer)
-    check_split(dataset, config["block_size"], spec_text(plan["dataset_path"]))
-    say(f"Text: {corpus.describe()}{dataset.n_characters:,} characters -> {len(dataset.train):,} training and "
-        f"{len(dataset.val):,} validation tokens" + ("" if corpus.single else f" ({corpus.validation_rule()})")
-        + f", {dataset.characters_per_token:.2f} characters per token"
-        + (" (from the token cache)" if dataset.from_cache else f" (prepared in {time.time() - started:.1f}s)"))
-    for note in dataset.notes:   # where the token cache is, when not beside the text; what was rebuilt or skipped
-        say(note)
-    return dataset
-
-
-def check_tokenizer_and_config(args, plan, config, dataset, checkpoint, given_tokenizer) -> bool:
-    """The tokenizer and the config must belong together: checked on --resume and --init_from
-    (trained_model.pth). The config takes the real vocab_size and the text's path and encoding
-    (convert_to_gguf.py checks the model on its held-out part). True when the tokenizer is new
-    (made here, a GPT-2 folder's, or grown by the chat's tokens) and is to be saved."""
-    tokenizer = dataset.tokenizer
-    if checkpoint:
-        check_resume(checkpoint, config, tokenizer, dataset)
-        return False
-    from_weights = bool(args.init_from) and not from_gpt2_folder(args)
-    if from_weights:
-        check_tokenizer_fits(given_tokenizer, config, args.tokenizer_path, args.config_path)
-    config["vocab_size"] = tokenizer.get_vocab_size()
-    config["dataset_path"], config["dataset_encoding"] = absolute_spec(plan["dataset_path"]), args.encoding
-    return not from_weights or tokenizer is not given_tokenizer
-
-
-def load_conversations(corpus, config, tokenizer, started, say):
-    """The conversations packed into windows (conversations.py), and what they are."""
-    if tokenizer is None and config.get("tokenizer") == "bpe":
-        config["vocab_size_requested"] = config.get("vocab_size_requested", config["vocab_size"])
-    dataset = prepare_conversations(corpus, tokenizer, config)
-    if tokenizer is not None and dataset.tokenizer is not tokenizer:
-        say(f"The tokenizer gains the chat's tokens: {tokenizer.get_vocab_size()} -> "
-            f"{dataset.tokenizer.get_vocab_size()} tokens (the model grows by as many rows)")
-    say(dataset.describe() + f" (prepared in {time.time() - started:.1f}s)")
-    for note in dataset.notes:
-        say(note)
-    return dataset
-
-
-# ------------------------------------------------------------------ writing, and the run's start
-
-def write_run_files(args, config, dataset, checkpoint, new_tokenizer: bool) -> None:
-    """Rank 0, once every input is checked: the tokenizer and config of a new run, the manifest of
-    the files it trains on (resumed runs included), and the log: a resumed run's continues, a new
-    run's starts anew."""
-    if not checkpoint:
-        if new_tokenizer:
-            save_tokenizer(dataset.tokenizer, args.tokenizer_path)
-        save_config(config, args.config_path)
-        if new_tokenizer:
-            terminal.say(f"Tokenizer: vocabulary of {config['vocab_size']} "
-                  + ("(byte-level BPE" if config.get("tokenizer") == "bpe"
-                     else "(one token per character, plus byte fallback")
-                  + (f" of {args.init_from}" if args.init_from else "")
-                  + f") saved to {args.tokenizer_path}")
-    with atomic_path(args.manifest_path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dataset.corpus.manifest(), f, indent=1)
-    if checkpoint:
-        continue_log(args.metrics_path, checkpoint["step"])
-    elif os.path.exists(args.metrics_path):
-        os.remove(args.metrics_path)
-
-
-def start_run(args, model, plan, dataset, processes, precision, checkpoint) -> Run:
-    """The optimizer, the batch split, the state (new, or the checkpoint's), and the model as it
-    trains: compiled on CUDA, under DistributedDataParallel with several processes."""
-    device_type = processes.device_type
-    block_size = model.config["block_size"]
-    optimizer = make_optimizer(model, plan["learning_rate"], plan["weight_decay"], device_type, plan["optimizer"],
-                               precision.dtype)
-    generator = np.random.default_rng(plan["seed"])  # the same on every process: they share the draw
-    # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget.
-    micro_batch_size = (plan["batch_size"] if device_type == "cuda" else
-                        micro_batch_for(model.config, plan["batch_size"], args.memory_gb * 2**30, precision.autocast))
-    fresh = StepPlan.of(plan, len(dataset.train), block_size, processes.world_size, micro_batch_size)
-    total_steps = fresh.planned_steps(plan)
-    state = LoopState(total_steps=total_steps, micro_batch_size=micro_batch_size,
-                      warmup_steps=plan["warmup_steps"] if plan["warmup_steps"] is not None else
-                      default_warmup(total_steps, fine_tuning=bool(plan.get("init_from"))))
-    if checkpoint:
-        state = LoopState.restored(checkpoint, fresh=state)
-        restore(checkpoint, model, optimizer, generator, processes.is_main)
-    steps = dataclasses.replace(fresh, micro_batch_size=state.micro_batch_size)
-    compiled = args.compile == "yes" or (args.compile == "auto" and device_type == "cuda")
-    train_model = torch.compile(model) if compiled else model
-    if processes.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(train_model,
-                                              device_ids=[processes.local_rank] if device_type == "cuda" else None)
-    return Run(model=model, train_model=train_model, optimizer=optimizer, generator=generator, plan=plan,
-               steps=steps, state=state, schedule=EvaluationSchedule(plan["eval_interval"], steps.steps_per_epoch),
-               budget=TimeBudget(plan["minutes"]) if plan.get("minutes") else None, clock=Clock(state.elapsed),
-               dataset=dataset, processes=processes, precision=precision, device_type=device_type,
-               compiled=compiled, memory_gb=args.memory_gb,
-               memory_estimate=training_memory_bytes(model.config, steps.micro_batch_size, precision.autocast),
-               first_step=state.step)
+        f"tokens/s{memory}. Log: {files.metrics}, curve: "
+        + (files.plot if drawn else "none (the log has no rows: it was deleted after its last evaluation)"))
 
 
 if __name__ == "__main__":

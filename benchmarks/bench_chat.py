@@ -52,7 +52,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from custom_llm.chat import END_OF_TURN, TURN_START, render  # noqa: E402
+from custom_llm.chat_format import END_OF_TURN, TURN_START, render  # noqa: E402
 from custom_llm.precision import cpu_summary  # noqa: E402
 
 # ------------------------------------------------------------------------------ the data set
@@ -231,17 +231,17 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
     """Each format's answers: {format: [(answer text, ended by end-of-turn)]}, and the prompts'
     agreement with PyTorch's formatting."""
     from custom_llm import isolated
-    from custom_llm.chat import ChatFormat
+    from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
     from custom_llm.checks import greedy_answer
     from custom_llm.files import load_config, load_trained_model
-    from custom_llm.textfile import END_OF_TEXT
     from custom_llm.tokenizer import decode, load_tokenizer
 
     config = load_config(os.path.join(folder, "model_config.pth"))
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
     model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
-    chat = ChatFormat(tokenizer)
-    end_of_turn, end_of_text = chat.end_of_turn, tokenizer.token_to_id(END_OF_TEXT)
+    template = template_of_config(config, tokenizer)
+    chat = ChatFormat(tokenizer, template)
+    end_of_turn, answer_ends = chat.end_of_turn, end_ids(tokenizer, template)
     messages = [m for _, m, _ in held_out]
     prompts = [ids.tolist() for ids, _ in chat.encode_many(messages, add_generation_prompt=True)]
     # The GGUF's context is the block: an answer gets the room the block has left, at most max_tokens.
@@ -249,13 +249,13 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
 
     def text_of(ids):
         ended = bool(ids) and ids[-1] == end_of_turn
-        while ids and ids[-1] in (end_of_turn, end_of_text):
+        while ids and ids[-1] in answer_ends:
             ids = ids[:-1]
         return decode(tokenizer, ids), ended
 
     answers, timings, same_prompts = {}, {}, {}
     started = time.time()
-    answers["PyTorch"] = [text_of(greedy_answer(model, p, n, {end_of_turn, end_of_text}))
+    answers["PyTorch"] = [text_of(greedy_answer(model, p, n, answer_ends))
                           for p, n in zip(prompts, budgets)]
     timings["PyTorch"] = time.time() - started
     for name, file in (("F16 GGUF", "model.gguf"), ("Q4_0 GGUF", "model.gguf.Q4_0.gguf")):

@@ -10,7 +10,7 @@
    child process: whether it crashed, how many tokens came, why it stopped.
 2. Quality past the block. Held-out text in windows of 2x and 4x block_size tokens, each read
    in one pass through llama.cpp, as a front end with that context reads it, with one F32 GGUF
-   per position rule (export.POSITION_RULES); against this project's sliding window
+   per position rule (gpt2.POSITION_RULES); against this project's sliding window
    (context.py: the older half dropped when the window is full) on the same windows and the
    same targets. Perplexity over every predicted token, and over those past the block alone.
    The sliding window is computed with the PyTorch model (the GGUF gives the same tokens).
@@ -36,7 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from custom_llm.checks import held_out_tokens  # noqa: E402
-from custom_llm.export import (POSITION_RULE, POSITION_RULES, quantize_atomic, write_gguf_atomic)  # noqa: E402
+from custom_llm.export import quantize_atomic, write_gguf_atomic  # noqa: E402
+from custom_llm.gpt2 import POSITION_RULE, POSITION_RULES  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.precision import cpu_info  # noqa: E402
 from custom_llm.runtime import no_weight_repacking  # noqa: E402
@@ -226,7 +227,8 @@ def main():
     model = load_trained_model(os.path.join(folder, "trained_model.pth"), config).eval()
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
     block = config["block_size"]
-    eval_tokens, source, _ = held_out_tokens(None, config, tokenizer)
+    held_out = held_out_tokens(None, config, tokenizer)
+    eval_tokens, source = held_out.tokens, held_out.source
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     print(f"CPU: {CPU}; {datetime.date.today()}; commit {commit}; model {model.num_parameters() / 1e6:.2f}M "

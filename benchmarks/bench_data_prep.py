@@ -31,9 +31,9 @@ PREPARE = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from custom_llm.corpus import find_documents
-from custom_llm.data import prepare_dataset
+from custom_llm.text_data import text_dataset
 started = time.time()
-dataset = prepare_dataset(find_documents({path!r}))
+dataset = text_dataset(find_documents({path!r}))
 print(time.time() - started, len(dataset.tokens), dataset.tokens.nbytes, dataset.from_cache)
 """
 

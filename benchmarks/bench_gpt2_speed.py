@@ -4,7 +4,7 @@
     python benchmarks/bench_gpt2_speed.py --rounds 2      # each run twice, for a steadier figure
 
 Both models have GPT-2's 124M shape (12 layers, n_embd 768, 12 heads, 1024 positions, 50,257
-tokens) with random weights, so nothing is downloaded: GPTLanguageModel as `train_llm.py
+tokens) with random weights, so nothing is downloaded: the GPT-2 model as `train_llm.py
 --init_from gpt2` trains it (its head untied: 163M parameters trained) and
 transformers.GPT2LMHeadModel(GPT2Config()) (head tied to the embedding: 124M). The same training
 step for both (bench_step.py's: random tokens, forward under the autocast, backward, clipping,
@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_step import MODELS, seconds_per_step, seconds_per_training_step  # noqa: E402
-from custom_llm.model import GPTLanguageModel  # noqa: E402
+from custom_llm.model import build_model  # noqa: E402
 from custom_llm.precision import cpu_summary  # noqa: E402
 
 LEARNING_RATE, WEIGHT_DECAY, BETAS = 0.01, 0.1, (0.9, 0.99)  # as bench_step.py gives make_optimizer
@@ -74,7 +74,7 @@ def main():
     print(f"CPU: {cpu_summary()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    print(f"GPT-2 shape, random weights: ours {parameters(lambda: GPTLanguageModel(config)) / 1e6:.0f}M "
+    print(f"GPT-2 shape, random weights: ours {parameters(lambda: build_model(config)) / 1e6:.0f}M "
           f"parameters, transformers' {parameters(lambda: GPT2LMHeadModel(transformers_config(args.dropout))) / 1e6:.0f}M; "
           f"batch {args.batch_size} x {config['block_size']} tokens, AdamW, {args.steps} timed steps per run\n")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)
 
 from custom_llm.checks import HARD_STRINGS, check_export, held_out_windows  # noqa: E402
 from custom_llm.corpus import find_documents  # noqa: E402
-from custom_llm.data import prepare_dataset  # noqa: E402
+from custom_llm.text_data import text_dataset  # noqa: E402
 from custom_llm.export import GGUF, quantize_atomic, write_gguf_atomic  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.tokenizer import load_tokenizer  # noqa: E402
@@ -60,7 +60,7 @@ def main():
         config = load_config(os.path.join(folder, "model_config.pth"))
         model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
-        held_out = prepare_dataset(find_documents(args.text), tokenizer).val.tolist()
+        held_out = text_dataset(find_documents(args.text), tokenizer).val.tolist()
         windows = held_out_windows(held_out, config["block_size"], count=16)
         f32 = os.path.join(folder, "model.f32.gguf")
         write_gguf_atomic(model, tokenizer, f32, "F32")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from custom_llm.model import GPTLanguageModel  # noqa: E402
+from custom_llm.model import build_model  # noqa: E402
 from custom_llm.optimizer import make_optimizer  # noqa: E402
 from custom_llm.precision import choose_precision, cpu_summary  # noqa: E402
 
@@ -36,7 +36,7 @@ MODELS = {
 
 def seconds_per_step(config, batch_size, optimizer_kind, bf16, orthogonalize_dtype, steps, warmup, torch_muon=False):
     torch.manual_seed(0)
-    model = GPTLanguageModel(config)
+    model = build_model(config)
     optimizer = make_optimizer(model, 0.01, 0.1, "cpu", optimizer_kind, orthogonalize_dtype)
     if torch_muon:  # torch.optim.Muon itself, which always orthogonalizes in bfloat16
         blocks = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("h.")]

@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 
-from custom_llm.chat import END_OF_TURN, ChatFormat, is_chat_tokenizer
-from custom_llm.conversations import held_out_conversations, is_chat_corpus
-from custom_llm.corpus import find_documents, spec_exists, spec_text
-from custom_llm.data import prepare_dataset
+from custom_llm import data
+from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
+from custom_llm.corpus import find_documents, spec_exists
 from custom_llm.errors import UserError
 from custom_llm.evaluation import pytorch_logits
-from custom_llm.tokenizer import END_OF_TEXT, encode
+from custom_llm.text_data import text_dataset
+from custom_llm.tokenizer import encode
 
 # Strings on which Python and an export must agree id for id: empty, whitespace runs, \r\n, tabs,
 # emoji with joiners and skin tones, flags, combining marks, CJK, right-to-left scripts, NUL and
@@ -46,26 +46,20 @@ HARD_STRINGS = [
 ]
 
 
-def held_out_tokens(eval_text, config, tokenizer):
-    """(tokens, where they come from, held-out conversations): all of eval_text, else the validation
-    part of the training text recorded in the config (its held-out files, or its last 10%; for
-    conversations, the held-out ones, formatted one after the other, and themselves, else None),
-    which training never learned from. (None, None, None) when neither is there."""
+def held_out_tokens(eval_text, config, tokenizer) -> data.HeldOut:
+    """What to check the exports on: all of eval_text, else what training held out of the data
+    recorded in the config (data.held_out: its held-out files or its last 10%; a chat model's
+    held-out conversations, formatted one after the other, and themselves), which training never
+    learned from. None when neither is there."""
     if eval_text:
         if not os.path.isfile(eval_text):
             raise UserError(f"--eval_text {eval_text} is not a file: give the path of a text "
                             "file to evaluate on", 2)
-        return prepare_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text, None
+        return data.HeldOut(text_dataset(find_documents(eval_text), tokenizer).tokens.tolist(), eval_text)
     spec = config.get("dataset_path")
-    if spec and spec_exists(spec):  # the same validation tokens training used
-        corpus = find_documents(spec, config.get("dataset_encoding", "utf-8"))
-        if is_chat_corpus(corpus):
-            conversations = held_out_conversations(corpus)
-            tokens = [int(t) for ids, _ in ChatFormat(tokenizer).encode_many(conversations) for t in ids]
-            return tokens, f"the {len(conversations)} held-out conversations of {spec_text(spec)}", conversations
-        dataset = prepare_dataset(corpus, tokenizer)
-        return dataset.val.tolist(), dataset.val_source, None
-    return None, None, None
+    if spec and spec_exists(spec):  # the same validation part training used
+        return data.held_out(find_documents(spec, config.get("dataset_encoding", "utf-8")), tokenizer, config)
+    return None
 
 
 def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
@@ -105,17 +99,18 @@ CHAT_CHECKS = 3            # held-out conversations whose formatting and greedy 
 MIN_ANSWER_ROOM = 8        # tokens an answer needs at least, within the block, to be compared
 
 
-def chat_prompts(conversations, tokenizer, block_size: int, count: int = CHAT_CHECKS) -> list:
+def chat_prompts(conversations, tokenizer, config: dict, count: int = CHAT_CHECKS) -> list:
     """[(messages up to a held-out conversation's last answer, its ids as PyTorch formats them)]
     for the first `count` conversations that fit the block with room for an answer; [] for a
     model that is not a chat model, or no conversations."""
-    if not conversations or not is_chat_tokenizer(tokenizer):
+    template = template_of_config(config, tokenizer)
+    if not conversations or template is None:
         return []
-    chat, prompts = ChatFormat(tokenizer), []
+    chat, prompts = ChatFormat(tokenizer, template), []
     for messages in conversations:
         last_answer = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids = chat.encode(messages[:last_answer], add_generation_prompt=True)[0].tolist()
-        if last_answer and len(ids) + MIN_ANSWER_ROOM <= block_size:
+        if last_answer and len(ids) + MIN_ANSWER_ROOM <= config["block_size"]:
             prompts.append((messages[:last_answer], ids))
         if len(prompts) == count:
             break
@@ -151,11 +146,12 @@ def check_chat(export_format, path, model, tokenizer, prompts) -> dict:
     block = model.config["block_size"]
     budgets = [block - len(ids) for _, ids in prompts]
     read = export_format.chat_read_back(path, [m for m, _ in prompts], budgets)
-    end_ids = {tokenizer.token_to_id(END_OF_TURN), tokenizer.token_to_id(END_OF_TEXT)}
+    template = template_of_config(model.config, tokenizer)
+    end_of_turn = tokenizer.token_to_id(template.end_of_turn)
     prompts_agree, answers, ended = 0, [], 0
     for (_, ids), budget, (got_prompt, got_answer) in zip(prompts, budgets, read):
         prompts_agree += got_prompt == ids
-        expected = greedy_answer(model, ids, budget, end_ids)
+        expected = greedy_answer(model, ids, budget, end_ids(tokenizer, template))
         answers.append(compare_answers(model, ids, expected, got_answer, export_format.tolerance))
-        ended += bool(got_answer) and got_answer[-1] == tokenizer.token_to_id(END_OF_TURN)
+        ended += bool(got_answer) and got_answer[-1] == end_of_turn
     return {"prompts_agree": prompts_agree, "answers": answers, "ended": ended, "count": len(prompts)}

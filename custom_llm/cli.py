@@ -140,38 +140,40 @@ def ask(title: str, questions, args) -> dict:
         if not title_shown:
             say(title)
             title_shown = True
-        while True:
-            prompt = f"  {q.prompt} [{q.default}]: "
-            if interactive:   # a long question: its first lines printed, the last one is input()'s
-                width = width_of(sys.stdout)
-                *first_lines, last_line = wrap(prompt.rstrip(), width and width - ANSWER_ROOM).split("\n")
-                prompt = last_line + " "
-                for line in first_lines:
-                    print(line)
-                try:
-                    line = input(prompt)
-                except EOFError:
-                    print()
-                    line = None
-            else:
-                print(prompt, end="", flush=True)
-                line = sys.stdin.readline()
-                if line == "":
-                    line = None
-                print(line.strip() if line is not None else "", flush=True)
-            if line is None:
-                out_of_input = True
-                answers[q.name] = q.default
-                break
-            if line.strip() == "":
-                answers[q.name] = q.default
-                break
-            try:
-                answers[q.name] = q.validate(line.strip(), answers)
-                break
-            except ValueError as reason:
-                if not interactive:
-                    raise UserError(f"{q.name}: {reason}", exit_code=2) from None
-                say(f"  {reason}; please try again.")
+        answers[q.name], out_of_input = ask_one(q, answers, interactive)
     return answers
 
+
+def ask_one(q: Question, answers: dict, interactive: bool):
+    """(the answer to q, whether input has ended): asked until valid at a terminal, read once
+    from a pipe; an empty line, or the end of input, is the default."""
+    while True:
+        line = read_line(f"  {q.prompt} [{q.default}]: ", interactive)
+        if line is None or line.strip() == "":
+            return q.default, line is None
+        try:
+            return q.validate(line.strip(), answers), False
+        except ValueError as reason:
+            if not interactive:
+                raise UserError(f"{q.name}: {reason}", exit_code=2) from None
+            say(f"  {reason}; please try again.")
+
+
+def read_line(prompt: str, interactive: bool):
+    """One line typed or piped after the prompt; None at the end of input. At a terminal a long
+    question is wrapped: its first lines printed, the last one is input()'s; from a pipe the
+    answer is echoed after the question, so a log reads like the session."""
+    if interactive:
+        width = width_of(sys.stdout)
+        *first_lines, last_line = wrap(prompt.rstrip(), width and width - ANSWER_ROOM).split("\n")
+        for line in first_lines:
+            print(line)
+        try:
+            return input(last_line + " ")
+        except EOFError:
+            print()
+            return None
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline()
+    print(line.strip(), flush=True)
+    return line if line != "" else None

@@ -41,7 +41,7 @@ from custom_llm.errors import UserError, cannot_read
 from custom_llm.textfile import END_OF_TEXT, check_text_file, codec, file_hash, inspect_text, not_a_regular_file, \
     read_chunks
 
-DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl")   # .jsonl: conversations (conversations.py)
+DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl")   # .jsonl: conversations (chat_data.py)
 MIN_HELD_OUT_DOCUMENTS = 10          # fewer documents: the last 10% of the tokens, as for one file
 HELD_OUT_SHARE = 0.1                 # held-out documents: about this share of the text's bytes
 GLOB_CHARACTERS = "*?["

@@ -1,9 +1,11 @@
-"""Exports of a trained GPTLanguageModel: a Hugging Face GPT-2 folder and a GGUF file, and
-FORMATS, the list convert_to_gguf.py writes and checks (each with its writer and its reader).
+"""Exports of a trained model: a Hugging Face folder and a GGUF file, and FORMATS, the list
+convert_to_gguf.py writes and checks (each with its writer and its reader).
 
-The model's graph is GPT-2's, so both are exact copies of its weights under other names:
-no retraining, no approximation. The GGUF is written with the `gguf` package (no llama.cpp
-checkout) and quantized with llama.cpp's own quantizer through llama-cpp-python.
+What is the same for every architecture lives here: the tokenizer (and a chat model's template)
+in both exports, the GGUF's header, quantization. What an architecture's weights are called and how
+they are laid out in each export is its own module's (gpt2.py, through architectures.py). The
+GGUF is written with the `gguf` package (no llama.cpp checkout) and quantized with llama.cpp's own
+quantizer through llama-cpp-python.
 """
 
 import os
@@ -14,41 +16,30 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from custom_llm import isolated
+from custom_llm import gguf_keys, isolated
+from custom_llm.architectures import architecture_of
 from custom_llm.atomic import atomic_path
+from custom_llm.chat_format import end_ids, template_of_config
 from custom_llm.errors import UserError
-from custom_llm.gpt2 import HF_BUFFER, hf_state_dict
-from custom_llm.runtime import TRAINED_CONTEXT_KEY, llama_log
-from custom_llm.chat import CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, is_chat_tokenizer
+from custom_llm.runtime import llama_log
 from custom_llm.tokenizer import END_OF_TEXT, vocab_and_merges
-from custom_llm.model import LAYER_NORM_EPS
 
 # ------------------------------------------------------------------------ Hugging Face
 
 def write_hf_folder(model, tokenizer, folder: str) -> None:
-    """Write a GPT2LMHeadModel + tokenizer folder that transformers loads offline, into folder as
-    it is (not atomically: convert_to_gguf.py writes it into its staging area)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """Write the architecture's transformers model + tokenizer into folder, which transformers
+    then loads offline; into folder as it is (not atomically: convert_to_gguf.py writes it into
+    its staging area)."""
+    from transformers import PreTrainedTokenizerFast
     _quiet_transformers()
-
-    config = model.config
     eot = tokenizer.token_to_id(END_OF_TEXT)
-    hf_config = GPT2Config(
-        vocab_size=config["vocab_size"], n_positions=config["block_size"], n_embd=config["n_embd"],
-        n_layer=config["n_layer"], n_head=config["n_head"], n_inner=4 * config["n_embd"],
-        activation_function="gelu_new", layer_norm_epsilon=LAYER_NORM_EPS,
-        resid_pdrop=config["dropout"], embd_pdrop=config["dropout"], attn_pdrop=0.0,  # as the model trains
-        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
-    hf_model = GPT2LMHeadModel(hf_config)
-    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
-    missing = [k for k in missing if not HF_BUFFER.fullmatch(k)]
-    if missing or unexpected:
-        raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    hf_model = architecture_of(model.config).hf_model(model, eot)
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT,
                                            eos_token=END_OF_TEXT, unk_token=None)
-    if is_chat_tokenizer(tokenizer):   # apply_chat_template formats as training did; generate() ends a turn
-        hf_tokenizer.chat_template = CHAT_TEMPLATE
-        hf_model.generation_config.eos_token_id = [eot, tokenizer.token_to_id(END_OF_TURN)]
+    template = template_of_config(model.config, tokenizer)
+    if template:   # apply_chat_template formats as training did; generate() ends a turn
+        hf_tokenizer.chat_template = template.jinja
+        hf_model.generation_config.eos_token_id = sorted(end_ids(tokenizer, template))
     hf_model.save_pretrained(folder, safe_serialization=True)
     hf_tokenizer.save_pretrained(folder)
 
@@ -61,129 +52,41 @@ def _quiet_transformers():
 
 # ------------------------------------------------------------------------------ GGUF
 
-def gguf_tensor_name(name: str) -> str:
-    """Our (GPT-2) parameter names -> llama.cpp's gpt2 tensor names."""
-    fixed = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias",
-             "lm_head.weight": "output.weight"}
-    if name in fixed:
-        return fixed[name]
-    block = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
-    if not block:
-        raise KeyError(f"no GGUF name for parameter {name}")
-    layer, module, kind = block.groups()
-    gguf_module = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                   "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}[module]
-    return f"blk.{layer}.{gguf_module}.{kind}"
-
-
-# The position table past the trained block. A gpt2 GGUF has one learned position row per
-# position, and llama.cpp aborts the whole process (GGML_ASSERT in get_rows) when it reaches a
-# position the table lacks. Front ends that do not slide a window (llama.cpp's tools, Ollama,
-# LM Studio, llama-cpp-python's Llama) run up to their context, 512 to 4096 tokens by default,
-# and llama.cpp rounds any context up to a multiple of 256. So the file carries GGUF_CONTEXT rows:
-# the trained ones unchanged, then rows made by POSITION_RULE (docs/context.md: the rules measured).
-GGUF_CONTEXT = 4096
-POSITION_RULE = "clamp"
-POSITION_RULE_KEY = "custom_llm.position_rule"
-
-
-def gguf_context_length(block_size: int) -> int:
-    """Rows of the GGUF's position table (its context_length): at least GGUF_CONTEXT and the
-    block size, rounded up to the multiple of 256 llama.cpp gives a context of block_size."""
-    return -(-max(block_size, GGUF_CONTEXT) // 256) * 256
-
-
-def _tile(table, rows):
-    """Row p is trained row p mod block: the table repeated."""
-    return table[np.arange(rows) % len(table)]
-
-
-def _clamp(table, rows):
-    """Every row past the block is the last trained row."""
-    return table[np.minimum(np.arange(rows), len(table) - 1)]
-
-
-def _last_half(table, rows):
-    """Past the block, the last half of the trained rows repeated."""
-    block, half = len(table), len(table) // 2
-    p = np.arange(rows)
-    return table[np.where(p < block, p, half + (p - half) % (block - half))]
-
-
-def _linear(table, rows):
-    """Past the block, the straight line fitted (per dimension) to the last quarter of the rows."""
-    block = len(table)
-    fit = np.arange(block - max(2, block // 4), block)
-    slope, intercept = np.polyfit(fit, table[fit].astype(np.float64), 1)
-    p = np.arange(block, rows)[:, None]
-    return np.concatenate([table, (intercept + slope * p).astype(table.dtype)])
-
-
-POSITION_RULES = {"tile": _tile, "clamp": _clamp, "last_half": _last_half, "linear": _linear}
-RULE_WORDS = {"tile": "repeat the trained rows (row p is row p mod {block})",
-              "clamp": "repeat the last trained row",
-              "last_half": "repeat the last half of the trained rows",
-              "linear": "extend a straight line through the last quarter of the trained rows"}
-
-
-def extended_positions(table: np.ndarray, rows: int, rule: str = POSITION_RULE) -> np.ndarray:
-    """The position table with `rows` rows: the trained rows unchanged, then rule's rows."""
-    if rows <= len(table):
-        return table[:rows]
-    return POSITION_RULES[rule](table, rows)
-
-
-def describe_context(block: int, rows: int, rule: str) -> str:
-    """general.description: what a front end gets past the trained block."""
-    if rows <= block:
-        return f"GPT-2-architecture model trained on a context of {block} tokens."
-    return (f"GPT-2-architecture model trained on a context of {block} tokens. Positions {block} to "
-            f"{rows - 1} {RULE_WORDS[rule].format(block=block)}, so a context of up to {rows} tokens "
-            f"runs without error, but text past {block} tokens is not what the model learned; for the "
-            f"trained quality keep the context at {block} or slide a window of {block} tokens "
-            f"(inference_gguf.py does). Contexts above {rows} abort llama.cpp at position {rows}.")
-
-
-def write_gguf_atomic(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm", **context) -> None:
+def write_gguf_atomic(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm", **options) -> None:
     """write_gguf, atomically: path is the old file or the whole new one, never half of one."""
     with atomic_path(path) as tmp:
-        write_gguf(model, tokenizer, tmp, dtype, name, **context)
+        write_gguf(model, tokenizer, tmp, dtype, name, **options)
 
 
-def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm",
-               context_length: Optional[int] = None, position_rule: str = POSITION_RULE) -> None:
-    """Write the model as an unquantized gpt2 GGUF (dtype F32 or F16 for the matrices; vectors
-    stay F32, as llama.cpp expects), to path as it is (not atomically). Its position table has
-    context_length rows (default gguf_context_length(block size)): llama.cpp sizes
-    position_embd by gpt2.context_length, so the two must be equal; the trained block size goes
-    in TRAINED_CONTEXT_KEY."""
+def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "custom-llm", **options) -> None:
+    """Write the model as an unquantized GGUF of its architecture (dtype F32 or F16 for the
+    matrices; vectors stay F32, as llama.cpp expects), to path as it is (not atomically).
+    options: the architecture's own (gpt2.add_gguf_model: context_length, position_rule)."""
     import gguf
 
-    config = model.config
-    block = config["block_size"]
-    rows = context_length or gguf_context_length(block)
-    tokens, merges, eot = vocab_and_merges(tokenizer)
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}[dtype]
-    writer = gguf.GGUFWriter(path, arch="gpt2")
+    architecture = architecture_of(model.config)
+    writer = gguf.GGUFWriter(path, arch=architecture.GGUF_ARCH)
     writer.add_name(name)
-    writer.add_description(describe_context(block, rows, position_rule))
-    writer.add_context_length(rows)
-    writer.add_uint32(TRAINED_CONTEXT_KEY, block)
-    writer.add_string(POSITION_RULE_KEY, position_rule if rows > block else "none")
-    writer.add_embedding_length(config["n_embd"])
-    writer.add_feed_forward_length(4 * config["n_embd"])
-    writer.add_block_count(config["n_layer"])
-    writer.add_head_count(config["n_head"])
-    writer.add_layer_norm_eps(LAYER_NORM_EPS)
-    writer.add_file_type(file_type)
+    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}[dtype])
+    add_gguf_tokenizer(writer, tokenizer, template_of_config(model.config, tokenizer))
+    architecture.add_gguf_model(writer, model, {"F32": np.float32, "F16": np.float16}[dtype], **options)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
+
+def add_gguf_tokenizer(writer, tokenizer, template) -> None:
+    """The byte-level BPE (tokenizer.py) as llama.cpp's gpt2 tokenizer, and a chat model's
+    template and end of turn."""
+    import gguf
+    tokens, merges, eot = vocab_and_merges(tokenizer)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     # Special tokens are control tokens: llama.cpp then reads them as one id only where a template
     # (or a caller asking for special tokens) writes them, never in ordinary text.
-    special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS} - {None}
+    special = {tokenizer.token_to_id(t) for t in (template.special_tokens if template else [END_OF_TEXT])} - {None}
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])
     writer.add_token_merges(merges)
@@ -191,21 +94,9 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "F16", name: str = "cus
     writer.add_eos_token_id(eot)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    if is_chat_tokenizer(tokenizer):   # the template front ends format with; a turn's end stops generation
-        writer.add_chat_template(CHAT_TEMPLATE)
-        writer.add_eot_token_id(tokenizer.token_to_id(END_OF_TURN))
-
-    for param_name, tensor in model.state_dict().items():
-        array = tensor.detach().float().cpu().numpy()
-        if param_name == "wpe.weight":
-            array = extended_positions(array, rows, position_rule)
-        if array.ndim == 2 and dtype == "F16":
-            array = array.astype(np.float16)
-        writer.add_tensor(gguf_tensor_name(param_name), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    if template:   # the template front ends format with; a turn's end stops generation
+        writer.add_string(gguf_keys.CHAT_TEMPLATE, template.jinja)
+        writer.add_uint32(gguf_keys.END_OF_TURN, tokenizer.token_to_id(template.end_of_turn))
 
 
 # ------------------------------------------------------------------------ quantization

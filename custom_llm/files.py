@@ -7,10 +7,11 @@ import warnings
 
 import torch
 
+from custom_llm.architectures import architecture_of
 from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError, cannot_read
 from custom_llm.corpus import changed_files, spec_text
-from custom_llm.model import CONFIG_KEYS, GPTLanguageModel
+from custom_llm.model import CONFIG_KEYS, LanguageModel, build_model
 from custom_llm.tokenizer import tokenizer_hash
 
 
@@ -58,10 +59,10 @@ def check_tokenizer_fits(tokenizer, config: dict, tokenizer_path: str, config_pa
 
 # ----------------------------------------------------------------------------- weights
 
-def load_trained_model(model_path: str, config: dict) -> GPTLanguageModel:
+def load_trained_model(model_path: str, config: dict) -> LanguageModel:
     """The trained model in eval mode, or a one-line error naming what does not fit."""
     state = load_weights_only(model_path, "train a model with `python train_llm.py`")
-    model = GPTLanguageModel(config)
+    model = build_model(config)
     expected = model.state_dict()
     if not isinstance(state, dict):
         raise UserError(f"{model_path} is not a model state_dict: retrain with `python train_llm.py`")
@@ -103,6 +104,10 @@ def check_resume(checkpoint, config, tokenizer, dataset):
     """A clear error naming what differs between the checkpoint and this run. The text is
     compared by content: the same files with the same content resume, wherever the run's folder
     and its documents now are (and whatever key an older checkpoint gave them)."""
+    architectures = architecture_of(checkpoint["config"]).NAME, architecture_of(config).NAME
+    if architectures[0] != architectures[1]:
+        raise UserError(f"cannot resume: the checkpoint is of a {architectures[0]} model, the config describes "
+                        f"a {architectures[1]} model")
     for key in CONFIG_KEYS:
         if checkpoint["config"].get(key) != config.get(key):
             raise UserError(f"cannot resume: model config differs from the checkpoint's ({key} is "

@@ -63,7 +63,6 @@ def _show(bound) -> str:
 
 NUMBERS = {
     # llm_model.py: the model's shape
-    "vocab_size": Number(int, 1, None, "vocabulary size (with the char tokenizer, training sets the real one)"),
     "n_embd": Number(int, 1, None, "embedding size"),
     "n_head": Number(int, 1, None, "attention heads (must divide n_embd)"),
     "n_layer": Number(int, 1, None, "transformer blocks"),

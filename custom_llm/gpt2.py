@@ -1,20 +1,135 @@
-"""GPT-2 in Hugging Face form, both ways: the weight mapping between our model and
-GPT2LMHeadModel (the HF export writes with it, train_llm.py --init_from DIR reads with it), and
-reading a local GPT-2-family folder (gpt2, distilgpt2, anything saved with save_pretrained) as a
-starting point: its config, its tokenizer in our format, its weights in our model.
+"""The GPT-2 architecture, whole: its graph, its Hugging Face form (GPT2LMHeadModel) and its GGUF
+form (llama.cpp's gpt2). The graph is exactly GPT-2's (learned positions, pre-LayerNorm blocks with
+biases, fused QKV, GELU with the tanh approximation, an output head without bias), so both exports
+are exact copies of its weights under other names: no retraining, no approximation.
 
-Nothing is ever downloaded: every read is local_files_only.
-"""
+Learned positions end at the trained block: past it, this model follows the context rule
+(context.py), and its GGUF carries extra position rows so front ends that do not slide never
+crash (docs/context.md)."""
 
-import json
-import os
+import contextlib
+import math
 import re
 
-from custom_llm.errors import UserError, cannot_read
-from custom_llm.model import LAYER_NORM_EPS, GPTLanguageModel
-from custom_llm.tokenizer import END_OF_TEXT, build_bpe_tokenizer
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
-# ------------------------------------------------------------------ the weight mapping
+from custom_llm.model import LanguageModel, language_model_loss
+
+NAME = "gpt2"              # the config's "architecture"
+GGUF_ARCH = "gpt2"         # llama.cpp's architecture name
+LAYER_NORM_EPS = 1e-5      # torch's default, and GPT-2's layer_norm_epsilon
+
+
+# ------------------------------------------------------------------ the graph
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer: int):
+        super().__init__()
+        self.layer = layer  # its place in a KVCache
+        self.n_head = config["n_head"]
+        self.c_attn = nn.Linear(config["n_embd"], 3 * config["n_embd"])  # fused q, k, v
+        self.c_proj = nn.Linear(config["n_embd"], config["n_embd"])
+        self.resid_dropout = nn.Dropout(config["dropout"])
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.extend(self.layer, k, v)
+        past = k.size(2) - T
+        # New positions attend to every cached one and causally among themselves; a single new
+        # token needs no mask at all.
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past) if past and T > 1 else None
+        # On CPU the fused attention kernel is slower in bfloat16 than in float32
+        # (benchmarks/bench_step.py), so under bf16 autocast it runs in float32. No dropout on the
+        # attention weights: with it, PyTorch's CPU attention falls back from the fused kernel to
+        # one that stores every attention matrix (40% slower steps and +40% memory, measured);
+        # dropout still applies to the embeddings and to each block's two outputs.
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if cpu_autocast:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(  # scale 1/sqrt(head_dim), as GPT-2
+                q, k, v, attn_mask=mask, is_causal=past == 0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config["n_embd"], 4 * config["n_embd"])
+        self.c_proj = nn.Linear(4 * config["n_embd"], config["n_embd"])
+        self.dropout = nn.Dropout(config["dropout"])
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Model(LanguageModel):
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.wte = nn.Embedding(config["vocab_size"], config["n_embd"])
+        self.wpe = nn.Embedding(config["block_size"], config["n_embd"])
+        self.drop = nn.Dropout(config["dropout"])
+        self.h = nn.ModuleList(Block(config, layer) for layer in range(config["n_layer"]))
+        self.ln_f = nn.LayerNorm(config["n_embd"], eps=LAYER_NORM_EPS)
+        self.lm_head = nn.Linear(config["n_embd"], config["vocab_size"], bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init for the projections that feed the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config["n_layer"]))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """(logits (B, T, vocab), loss or None) for idx (B, T). With a kv_cache, idx continues
+        the positions the cache holds (an empty KVCache starts at position 0)."""
+        B, T = idx.shape
+        past = len(kv_cache) if kv_cache is not None else 0
+        if past + T > self.block_size:
+            raise ValueError(f"positions {past} to {past + T - 1} reach past block_size {self.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x, kv_cache)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, None if targets is None else language_model_loss(logits, targets)
+
+
+def count_parameters(config: dict) -> int:
+    """Without building the model: embeddings, blocks, final norm, head."""
+    V, C, L, T = config["vocab_size"], config["n_embd"], config["n_layer"], config["block_size"]
+    per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * per_block + 2 * C + C * V
+
+
+# ------------------------------------------------------------------ Hugging Face: GPT2LMHeadModel
 
 # Modules that GPT-2 stores as Conv1D, i.e. with weights transposed relative to nn.Linear.
 CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
@@ -50,125 +165,129 @@ def state_dict_from_hf(hf_state: dict) -> dict:
     return state
 
 
-# ------------------------------------------------------------------ a local GPT-2 folder
-
-DOWNLOAD_HINT = ("download it first while online, e.g. `huggingface-cli download {name} --include '*.json' "
-                 "'*.txt' '*.safetensors' --local-dir {name}` (README: Start from GPT-2)")
-
-
-def check_starting_point(path: str) -> None:
-    """--init_from must be trained weights (a .pth file) or a local GPT-2 folder; a hub name
-    such as gpt2 is neither until it is downloaded."""
-    if os.path.exists(path):
-        return
-    if path.endswith((".pth", ".pt")):
-        raise UserError(f"{path} not found: train a model with `python train_llm.py`, or give a GPT-2 folder", 2)
-    raise UserError(f"--init_from {path}: no such file or folder here, and nothing is downloaded at run time: "
-                    + DOWNLOAD_HINT.format(name=path), 2)
-
-
-def read_gpt2_config(folder: str) -> dict:
-    """The folder's config.json, checked to be a graph our model is (GPT-2's), as our config keys:
-    block_size = n_positions, and the folder's own sizes."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{folder} has no config.json: give a Hugging Face model folder (saved with "
-                        "save_pretrained) or trained_model.pth", 2)
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except OSError as err:
-        raise cannot_read(path, err) from None
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: download the model again") from None
-    if hf.get("model_type") != "gpt2":
-        raise UserError(f"{folder} holds a {hf.get('model_type', 'unknown')!r} model: only GPT-2-family "
-                        "models (GPT2LMHeadModel, e.g. gpt2, distilgpt2) can be a starting point", 2)
-    n_embd = hf.get("n_embd", 768)
-    # Each: (what the folder says, what our graph computes, the setting's name).
-    unsupported = [
-        (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "activation_function",
-         "GELU with the tanh approximation (gelu_new)"),
-        (hf.get("layer_norm_epsilon", 1e-5) == LAYER_NORM_EPS, "layer_norm_epsilon", f"{LAYER_NORM_EPS:g}"),
-        (hf.get("n_inner") in (None, 4 * n_embd), "n_inner", f"4 x n_embd ({4 * n_embd})"),
-        (hf.get("scale_attn_weights", True), "scale_attn_weights", "true"),
-        (not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx", "false"),
-        (not hf.get("add_cross_attention", False), "add_cross_attention", "false"),
-    ]
-    for fits, key, ours in unsupported:
-        if not fits:
-            raise UserError(f"{folder}: {key} is {hf.get(key)!r}, but this project's model (GPT-2's graph, which "
-                            f"llama.cpp runs) has {ours}: this model cannot be a starting point", 2)
-    config = {"vocab_size": hf.get("vocab_size", 50257), "n_embd": n_embd, "n_head": hf.get("n_head", 12),
-              "n_layer": hf.get("n_layer", 12), "block_size": hf.get("n_positions", 1024)}
-    for key, value in config.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{path}: {key} is {value!r}, not a positive whole number: the folder is damaged; "
-                            "download the model again", 2)
-    if config["n_embd"] % config["n_head"]:
-        raise UserError(f"{path}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}, so "
-                        "GPT-2's attention cannot split it into heads: the folder is damaged; download it again", 2)
-    return config
-
-
-def load_gpt2_tokenizer(folder: str):
-    """The folder's byte-level BPE as a tokenizer of ours (tokenizer.py's shape: the same vocab and
-    merges, ByteLevel pre-tokenizer and decoder, <|endoftext|> special), from its tokenizer.json or,
-    failing that, from vocab.json + merges.txt."""
-    tokenizer_json, vocab_json, merges_txt = (os.path.join(folder, name) for name in
-                                              ("tokenizer.json", "vocab.json", "merges.txt"))
-    try:
-        if os.path.isfile(tokenizer_json):
-            with open(tokenizer_json, encoding="utf-8") as f:
-                model = json.load(f)["model"]
-            if model.get("type") != "BPE":
-                raise UserError(f"{tokenizer_json} is a {model.get('type')} tokenizer, not GPT-2's byte-level BPE", 2)
-            vocab, merges = model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                                             for m in model["merges"]]
-        elif os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
-            with open(vocab_json, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(merges_txt, encoding="utf-8") as f:
-                merges = [tuple(line.split()) for line in f
-                          if line.strip() and not line.startswith("#version")]
-        else:
-            raise UserError(f"{folder} has no tokenizer (tokenizer.json, or vocab.json and merges.txt): "
-                            "save the tokenizer beside the model (tokenizer.save_pretrained)", 2)
-    except OSError as err:
-        raise cannot_read(folder, err) from None
-    except (ValueError, KeyError):
-        raise UserError(f"{folder}'s tokenizer files cannot be read as a BPE tokenizer: download it again") from None
-    if END_OF_TEXT not in vocab:
-        raise UserError(f"{folder}'s tokenizer has no {END_OF_TEXT} token, which this project's models end text "
-                        "with: only GPT-2-family tokenizers are supported", 2)
-    return build_bpe_tokenizer(vocab, merges)
-
-
-def read_gpt2_folder(folder: str):
-    """(our config keys from the folder's config, its tokenizer in our format), checked to belong
-    together."""
-    config, tokenizer = read_gpt2_config(folder), load_gpt2_tokenizer(folder)
-    if tokenizer.get_vocab_size() != config["vocab_size"]:
-        raise UserError(f"{folder}: the model has vocab_size {config['vocab_size']} but its tokenizer "
-                        f"{tokenizer.get_vocab_size()} tokens: a padded or extended vocabulary is not supported", 2)
-    return config, tokenizer
-
-
-def load_gpt2_model(folder: str, config: dict) -> GPTLanguageModel:
-    """The folder's GPT2LMHeadModel weights in our model, in eval mode."""
-    from transformers import GPT2LMHeadModel
-    from transformers.utils import logging
-    logging.set_verbosity_error()  # "some weights are tied": expected, and handled
-    logging.disable_progress_bar()
-    try:
-        hf_model = GPT2LMHeadModel.from_pretrained(folder, local_files_only=True)
-    except Exception as err:   # missing (OSError), truncated (safetensors), of another shape (RuntimeError)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"{folder} holds no readable GPT-2 weights of its config's shape ({reason}): "
-                        + DOWNLOAD_HINT.format(name=os.path.basename(os.path.normpath(folder)))) from None
-    model = GPTLanguageModel(config)
-    missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_model.state_dict()), strict=False)
+def hf_model(model, end_of_text: int):
+    """A GPT2LMHeadModel holding the model's weights (untied head, as ours)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = model.config
+    hf_config = GPT2Config(
+        vocab_size=config["vocab_size"], n_positions=config["block_size"], n_embd=config["n_embd"],
+        n_layer=config["n_layer"], n_head=config["n_head"], n_inner=4 * config["n_embd"],
+        activation_function="gelu_new", layer_norm_epsilon=LAYER_NORM_EPS,
+        resid_pdrop=config["dropout"], embd_pdrop=config["dropout"], attn_pdrop=0.0,  # as the model trains
+        bos_token_id=end_of_text, eos_token_id=end_of_text, tie_word_embeddings=False)
+    exported = GPT2LMHeadModel(hf_config)
+    missing, unexpected = exported.load_state_dict(hf_state_dict(model), strict=False)
+    missing = [k for k in missing if not HF_BUFFER.fullmatch(k)]
     if missing or unexpected:
-        raise UserError(f"{folder}'s weights do not map onto GPT-2's graph (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    return model.eval()
+        raise RuntimeError(f"HF export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    return exported
+
+
+# ------------------------------------------------------------------ GGUF: llama.cpp's gpt2
+
+def gguf_tensor_name(name: str) -> str:
+    """Our parameter names -> llama.cpp's gpt2 tensor names."""
+    fixed = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    block = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
+    if not block:
+        raise KeyError(f"no GGUF name for parameter {name}")
+    layer, module, kind = block.groups()
+    gguf_module = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                   "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}[module]
+    return f"blk.{layer}.{gguf_module}.{kind}"
+
+
+# The position table past the trained block. A gpt2 GGUF has one learned position row per
+# position, and llama.cpp aborts the whole process (GGML_ASSERT in get_rows) when it reaches a
+# position the table lacks. Front ends that do not slide a window (llama.cpp's tools, Ollama,
+# LM Studio, llama-cpp-python's Llama) run up to their context, 512 to 4096 tokens by default,
+# and llama.cpp rounds any context up to a multiple of 256. So the file carries GGUF_CONTEXT rows:
+# the trained ones unchanged, then rows made by POSITION_RULE (docs/context.md: the rules measured).
+GGUF_CONTEXT = 4096
+POSITION_RULE = "clamp"
+
+
+def gguf_context_length(block_size: int) -> int:
+    """Rows of the GGUF's position table (its context_length): at least GGUF_CONTEXT and the
+    block size, rounded up to the multiple of 256 llama.cpp gives a context of block_size."""
+    return -(-max(block_size, GGUF_CONTEXT) // 256) * 256
+
+
+def _tile(table, rows):
+    """Row p is trained row p mod block: the table repeated."""
+    return table[np.arange(rows) % len(table)]
+
+
+def _clamp(table, rows):
+    """Every row past the block is the last trained row."""
+    return table[np.minimum(np.arange(rows), len(table) - 1)]
+
+
+def _last_half(table, rows):
+    """Past the block, the last half of the trained rows repeated."""
+    block, half = len(table), len(table) // 2
+    p = np.arange(rows)
+    return table[np.where(p < block, p, half + (p - half) % (block - half))]
+
+
+def _linear(table, rows):
+    """Past the block, the straight line fitted (per dimension) to the last quarter of the rows."""
+    block = len(table)
+    fit = np.arange(block - max(2, block // 4), block)
+    slope, intercept = np.polyfit(fit, table[fit].astype(np.float64), 1)
+    p = np.arange(block, rows)[:, None]
+    return np.concatenate([table, (intercept + slope * p).astype(table.dtype)])
+
+
+POSITION_RULES = {"tile": _tile, "clamp": _clamp, "last_half": _last_half, "linear": _linear}
+RULE_WORDS = {"tile": "repeat the trained rows (row p is row p mod {block})",
+              "clamp": "repeat the last trained row",
+              "last_half": "repeat the last half of the trained rows",
+              "linear": "extend a straight line through the last quarter of the trained rows"}
+
+
+def extended_positions(table: np.ndarray, rows: int, rule: str = POSITION_RULE) -> np.ndarray:
+    """The position table with `rows` rows: the trained rows unchanged, then rule's rows."""
+    if rows <= len(table):
+        return table[:rows]
+    return POSITION_RULES[rule](table, rows)
+
+
+def describe_context(block: int, rows: int, rule: str) -> str:
+    """general.description: what a front end gets past the trained block."""
+    if rows <= block:
+        return f"GPT-2-architecture model trained on a context of {block} tokens."
+    return (f"GPT-2-architecture model trained on a context of {block} tokens. Positions {block} to "
+            f"{rows - 1} {RULE_WORDS[rule].format(block=block)}, so a context of up to {rows} tokens "
+            f"runs without error, but text past {block} tokens is not what the model learned; for the "
+            f"trained quality keep the context at {block} or slide a window of {block} tokens "
+            f"(inference_gguf.py does). Contexts above {rows} abort llama.cpp at position {rows}.")
+
+
+def add_gguf_model(writer, model, matrix_type, context_length=None, position_rule: str = POSITION_RULE) -> None:
+    """The architecture's metadata and tensors, to a GGUFWriter made with GGUF_ARCH; matrices in
+    matrix_type (numpy float32 or float16), vectors float32 as llama.cpp expects. The position
+    table has context_length rows (default gguf_context_length(block size)): llama.cpp sizes
+    position_embd by gpt2.context_length, so the two must be equal."""
+    from custom_llm import gguf_keys
+    config = model.config
+    block = config["block_size"]
+    rows = context_length or gguf_context_length(block)
+    writer.add_description(describe_context(block, rows, position_rule))
+    writer.add_context_length(rows)
+    writer.add_uint32(gguf_keys.TRAINED_CONTEXT, block)
+    writer.add_string(gguf_keys.POSITION_RULE, position_rule if rows > block else "none")
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(4 * config["n_embd"])
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    for param_name, tensor in model.state_dict().items():
+        array = tensor.detach().float().cpu().numpy()
+        if param_name == "wpe.weight":
+            array = extended_positions(array, rows, position_rule)
+        writer.add_tensor(gguf_tensor_name(param_name), array.astype(matrix_type) if array.ndim == 2 else array)

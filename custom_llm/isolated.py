@@ -91,11 +91,9 @@ def _chat(path, conversations, max_tokens):
     llama-cpp-python 0.3.36 does not while the text ends in an incomplete UTF-8 character, and
     runs on until the context is full."""
     import numpy as np
-    from llama_cpp import Llama, LogitsProcessorList
-    from custom_llm.runtime import check_gguf, no_weight_repacking
-    block = check_gguf(path)
-    with no_weight_repacking():   # llama.cpp's AMX repacking crashes on these models (runtime.py)
-        llm = Llama(model_path=path, n_ctx=block, verbose=False)
+    from llama_cpp import LogitsProcessorList
+    from custom_llm.runtime import open_llama
+    llm, _ = open_llama(path)   # Llama at its defaults, with a context of the trained block
     answers = []
     for messages, n in zip(conversations, max_tokens):
         prompt, answer = [], []

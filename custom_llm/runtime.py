@@ -11,16 +11,12 @@ import weakref
 
 import numpy as np
 
-from custom_llm.chat import encode_prompt_with, render_pieces
-from custom_llm.errors import UserError, cannot_read
+from custom_llm import gguf_keys
+from custom_llm.chat_format import encode_prompt_with, render_pieces, template_of_gguf
 from custom_llm.context import fit_prompt, slide
+from custom_llm.errors import UserError, cannot_read
 
 GGUF_MAGIC = b"GGUF"
-# The block size the model was trained on. The GGUF's own context_length is larger: its position
-# table runs on past the block so that front ends which do not slide never crash (export.py).
-TRAINED_CONTEXT_KEY = "custom_llm.trained_context_length"
-CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
-END_OF_TURN_KEY = "tokenizer.ggml.eot_token_id"
 _load_lock = threading.Lock()
 
 
@@ -64,9 +60,9 @@ llama_log = LlamaLog()
 
 
 def check_gguf(path: str):
-    """A one-line error unless path is a GGUF that this project wrote (gpt2 + gpt2 tokenizer).
-    Returns the block size it was trained on (None for files written before that was recorded,
-    whose context_length was the block size)."""
+    """A one-line error unless path is a GGUF that this project wrote (an architecture of
+    gguf_keys.READABLE_ARCHITECTURES, a gpt2 tokenizer). Returns the block size it was trained on
+    (None for files written before that was recorded, whose context_length was the block size)."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run `python convert_to_gguf.py` first, or pass --gguf_path", 2)
     if os.path.isdir(path):
@@ -82,15 +78,16 @@ def check_gguf(path: str):
     try:
         reader = gguf.GGUFReader(path)
         fields = {name: _field_value(field) for name, field in reader.fields.items()
-                  if name in ("general.architecture", "tokenizer.ggml.model")}
-        trained = reader.fields.get(TRAINED_CONTEXT_KEY)
+                  if name in (gguf_keys.ARCHITECTURE, gguf_keys.TOKENIZER_MODEL)}
+        trained = reader.fields.get(gguf_keys.TRAINED_CONTEXT)
         trained_context = int(trained.parts[trained.data[0]][0]) if trained else None
     except Exception as err:
         raise UserError(f"{path} is a damaged or truncated GGUF ({type(err).__name__}): "
                         "convert the model again with `python convert_to_gguf.py`") from None
-    if fields.get("general.architecture") != "gpt2" or fields.get("tokenizer.ggml.model") != "gpt2":
-        raise UserError(f"{path} is a GGUF of another kind (architecture "
-                        f"{fields.get('general.architecture')!r}); this tool runs the gpt2 GGUFs it writes")
+    architecture = fields.get(gguf_keys.ARCHITECTURE)
+    if architecture not in gguf_keys.READABLE_ARCHITECTURES or fields.get(gguf_keys.TOKENIZER_MODEL) != "gpt2":
+        raise UserError(f"{path} is a GGUF of another kind (architecture {architecture!r}); this tool runs "
+                        f"the GGUFs it writes ({', '.join(gguf_keys.READABLE_ARCHITECTURES)})")
     return trained_context
 
 
@@ -124,27 +121,37 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def open_llama(path: str, n_ctx=None, **params):
+    """(llama_cpp.Llama for the GGUF at path, the block size it was trained on): the one way this
+    project loads a GGUF into llama.cpp. The file is checked first, llama.cpp's AMX repacking is
+    kept off, its log is kept quiet and a failure is one line. n_ctx: the context (default the
+    trained block; llama.cpp rounds it up to a multiple of 256); params: Llama's others."""
+    trained_context = check_gguf(path)
+    from llama_cpp import Llama
+    mark = llama_log.mark()
+    with no_weight_repacking():
+        try:
+            llm = Llama(model_path=path, n_ctx=(trained_context or 0) if n_ctx is None else n_ctx, verbose=False,
+                        **params)
+        except Exception:
+            said = [line.strip() for line in llama_log.since(mark) if line.strip()]
+            raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
+                            "convert the model again with `python convert_to_gguf.py`") from None
+    return llm, trained_context
+
+
 class GGUFModel:
     """A GGUF loaded in llama.cpp, with the same tokenizer and context rule as the PyTorch model."""
 
     def __init__(self, path: str, use_gpu: bool = False, logits_all: bool = False, n_threads=None):
-        trained_context = check_gguf(path)
-        from llama_cpp import Llama
         self.path = path
         self.on_gpu = use_gpu
-        mark = llama_log.mark()
-        with no_weight_repacking():
-            try:
-                # A context of the trained block (llama.cpp rounds it up to a multiple of 256),
-                # not the file's whole position table: generate() slides at the block anyway.
-                self.llm = Llama(model_path=path, n_ctx=trained_context or 0, n_batch=512, logits_all=logits_all,
-                                 n_gpu_layers=-1 if use_gpu else 0, verbose=False,
-                                 n_threads=n_threads or os.cpu_count(),
-                                 n_threads_batch=n_threads or os.cpu_count())
-            except Exception:
-                said = [line.strip() for line in llama_log.since(mark) if line.strip()]
-                raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
-                                "convert the model again with `python convert_to_gguf.py`") from None
+        # A context of the trained block, not the file's whole position table: generate()
+        # slides at the block anyway.
+        self.llm, trained_context = open_llama(path, n_batch=512, logits_all=logits_all,
+                                               n_gpu_layers=-1 if use_gpu else 0,
+                                               n_threads=n_threads or os.cpu_count(),
+                                               n_threads_batch=n_threads or os.cpu_count())
         self.block_size = trained_context or self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
@@ -163,8 +170,12 @@ class GGUFModel:
         self.n_vocab = self.llm.n_vocab()
         self.pieces = self._read_pieces()
         # A chat model (trained on conversations) carries its template and its end-of-turn token.
-        self.chat_template = self.llm.metadata.get(CHAT_TEMPLATE_KEY)
-        end_of_turn = self.llm.metadata.get(END_OF_TURN_KEY) if self.chat_template is not None else None
+        try:
+            self.chat_template = template_of_gguf(self.llm.metadata.get(gguf_keys.CHAT_TEMPLATE))
+        except ValueError:
+            raise UserError(f"{path} has a chat template this tool does not know: convert the model again "
+                            "with `python convert_to_gguf.py`") from None
+        end_of_turn = self.llm.metadata.get(gguf_keys.END_OF_TURN) if self.chat_template else None
         self.end_of_turn = int(end_of_turn) if end_of_turn is not None else None
         self.stop_tokens = {self.end_of_text} | ({self.end_of_turn} if self.end_of_turn is not None else set())
         self._special_ids = {}
@@ -194,8 +205,8 @@ class GGUFModel:
 
     def encode_chat(self, messages) -> list:
         """The prompt ids of a conversation, ending where the assistant's answer starts: the
-        template's special tokens by id, each message's content tokenized as text (chat.py)."""
-        return encode_prompt_with(render_pieces(messages, add_generation_prompt=True),
+        template's special tokens by id, each message's content tokenized as text (chat_format.py)."""
+        return encode_prompt_with(render_pieces(messages, add_generation_prompt=True, template=self.chat_template),
                                   self.tokenize_literal, self.special_id)
 
     def token_bytes(self, token: int) -> bytes:

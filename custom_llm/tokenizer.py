@@ -94,10 +94,14 @@ def build_bpe_tokenizer(vocab: dict, merges: list) -> Tokenizer:
     return tokenizer
 
 
+# A BPE holds the 256 byte tokens, <|endoftext|> and at least one merge.
+MIN_BPE_VOCABULARY = 258
+
+
 def train_bpe_tokenizer(texts, vocab_size: int, length: int = None) -> Tokenizer:
     """A byte-level BPE trained on the given texts (an iterator of strings) up to vocab_size
     tokens, with <|endoftext|> as its one special token: GPT-2's tokenizer, trained on your text."""
-    if vocab_size < 258:
+    if vocab_size < MIN_BPE_VOCABULARY:
         raise UserError(f"vocab_size {vocab_size} is too small for a BPE tokenizer: it needs the 256 "
                         "bytes, <|endoftext|> and room for merges; run llm_model.py with --vocab_size 1000 or more", 2)
     tokenizer = Tokenizer(models.BPE())

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from custom_llm.atomic import atomic_path
-from custom_llm.data import get_batch, random_offsets
 from custom_llm.errors import UserError
 from custom_llm.files import save_checkpoint as save_checkpoint_file
 from custom_llm.memory import training_memory_bytes
@@ -144,7 +143,7 @@ def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16
     return max(fitting, default=1)
 
 
-def auto_batch_size(precision, block_size: int, conversations: bool = False) -> int:
+def auto_batch_size(precision, block_size: int, sparse_targets: bool = False) -> int:
     """Windows per step when the user leaves it to the machine. A short run learns most from many
     steps, so a step should cost little: with fast bfloat16 64 windows cost about what 32 do in
     float32, and each is the best of 16 to 128 measured in a 36-second run of the benchmark model
@@ -155,7 +154,7 @@ def auto_batch_size(precision, block_size: int, conversations: bool = False) -> 
     either precision: only their answers are targets (about one position in ten), and 32 windows
     gave too few of them per step (benchmarks/bench_chat.py, 5 minutes in float32 limited to AVX2:
     64.0% of held-out questions answered exactly at 32 windows, 93.5% at 64)."""
-    windows = 64 if precision.autocast or conversations else 32
+    windows = 64 if precision.autocast or sparse_targets else 32
     return max(1, min(windows, windows * 128 // block_size))
 
 
@@ -165,7 +164,7 @@ def autocast(device_type: str, precision):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision.autocast)
 
 
-def forward_backward(train_model, tokens, offsets, steps: StepPlan, processes, block_size: int, autocast) -> float:
+def forward_backward(train_model, dataset, offsets, steps: StepPlan, processes, autocast) -> float:
     """This process's share of the batch (offsets: the whole batch's windows, drawn alike on every
     process), micro-batch by micro-batch, gradients added up; returns the mean loss. Under
     DistributedDataParallel the gradients are reduced once, with the last micro-batch."""
@@ -173,7 +172,7 @@ def forward_backward(train_model, tokens, offsets, steps: StepPlan, processes, b
     for micro in range(steps.accumulation):
         part = (micro * processes.world_size + processes.rank) * steps.batch_size
         for start in range(part, part + steps.batch_size, steps.micro_batch_size):
-            x, y = get_batch(tokens, offsets[start:start + steps.micro_batch_size], block_size, processes.device)
+            x, y = dataset.batch("train", offsets[start:start + steps.micro_batch_size], processes.device)
             last = micro == steps.accumulation - 1 and start + steps.micro_batch_size == part + steps.batch_size
             with (contextlib.nullcontext() if last or not processes.distributed else train_model.no_sync()):
                 with autocast():
@@ -184,25 +183,25 @@ def forward_backward(train_model, tokens, offsets, steps: StepPlan, processes, b
 
 
 @torch.no_grad()
-def estimate_loss(model, tokens, batch_size, block_size, batches, device, autocast):
+def estimate_loss(model, dataset, batch_size, batches, device, autocast):
     """Mean loss over the same windows every time, so evaluations are comparable step to step."""
     model.eval()
     generator = np.random.default_rng(1234)
     losses = []
     for _ in range(batches):
-        x, y = get_batch(tokens, random_offsets(generator, tokens, block_size, batch_size), block_size, device)
+        x, y = dataset.batch("val", dataset.draw("val", generator, batch_size), device)
         with autocast():
             losses.append(model(x, y)[1].item())
     model.train()
     return float(np.mean(losses))
 
 
-def measure_tokens_per_second(model, tokens, steps: StepPlan, processes, block_size: int, autocast) -> float:
+def measure_tokens_per_second(model, dataset, steps: StepPlan, processes, autocast) -> float:
     """One micro-batch's forward and backward, timed before the first step (the second of two; the
     first warms up), so the user knows at once what the plan costs. Torch's random state is left
     as it was."""
-    offsets = random_offsets(np.random.default_rng(0), tokens, block_size, steps.micro_batch_size)
-    x, y = get_batch(tokens, offsets, block_size, processes.device)
+    x, y = dataset.batch("train", dataset.draw("train", np.random.default_rng(0), steps.micro_batch_size),
+                         processes.device)
     cuda = processes.device_type == "cuda"
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         for _ in range(2):
@@ -214,7 +213,7 @@ def measure_tokens_per_second(model, tokens, steps: StepPlan, processes, block_s
                 torch.cuda.synchronize()
             seconds = time.monotonic() - started
     model.zero_grad(set_to_none=True)
-    return steps.micro_batch_size * block_size * processes.world_size / seconds
+    return x.numel() * processes.world_size / seconds
 
 
 # ------------------------------------------------------------------ Ctrl-C
@@ -299,7 +298,7 @@ def plot_losses(metrics_path, plot_path) -> bool:
 
 @dataclasses.dataclass
 class Run:
-    """What the loop works with: plain data, built by train_llm.py and changed only by its loop."""
+    """What the loop works with: plain data, built by start.build_run and changed only by the loop."""
     model: torch.nn.Module             # the weights (saved, evaluated)
     train_model: torch.nn.Module       # the same model, compiled and/or under DistributedDataParallel
     optimizer: object
@@ -318,6 +317,10 @@ class Run:
     memory_gb: float
     memory_estimate: int
     first_step: int                    # where this session started
+    files: object                      # start.RunFiles: where the weights, checkpoint and log go
+    fine_tuning: bool
+    checkpoint_interval: int           # steps between checkpoints
+    checkpoint_seconds: float          # and seconds
 
     @property
     def block_size(self) -> int:
@@ -336,21 +339,13 @@ class Run:
         return (self.state.total_steps - self.state.step) * self.clock.session() / max(1, done_here)
 
 
-def save_checkpoint(run: Run, path: str, tokenizer_hash: str) -> None:
+def save_checkpoint(run: Run, tokenizer_hash: str) -> None:
     """Everything --resume needs to continue exactly where this step left off: the state record
     whole, the weights, the optimizer, the random draws, and what the run was trained on."""
     run.state.elapsed = run.clock.elapsed()
-    save_checkpoint_file(path, run.model, run.optimizer, run.generator, {
+    save_checkpoint_file(run.files.checkpoint, run.model, run.optimizer, run.generator, {
         **run.state.saved(), "config": run.model.config, "plan": run.plan, "tokenizer_hash": tokenizer_hash,
         "text_hash": run.dataset.text_hash, "manifest": run.dataset.corpus.manifest()})
-
-
-def restore(checkpoint: dict, model, optimizer, generator, is_main: bool) -> None:
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if is_main:
-        torch.set_rng_state(checkpoint["torch_rng"])
-    generator.bit_generator.state = checkpoint["numpy_rng"]
 
 
 def summary(run: Run) -> str:
@@ -375,8 +370,7 @@ def summary(run: Run) -> str:
 def speed_estimate(run: Run) -> str:
     """What the plan costs, from one micro-batch timed before the first step."""
     s = run.steps
-    tokens_per_s = measure_tokens_per_second(run.model, run.dataset.train, s, run.processes, run.block_size,
-                                             run.autocast)
+    tokens_per_s = measure_tokens_per_second(run.model, run.dataset, s, run.processes, run.autocast)
     if run.budget:
         return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed), about "
                 f"{s.tokens_per_step / tokens_per_s:.1f}s per step; the steps that fit in "

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom_llm.corpus import find_documents  # noqa: E402  (after the path is set)
-from custom_llm.data import prepare_dataset  # noqa: E402
+from custom_llm.text_data import text_dataset  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
 from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer  # noqa: E402
 
@@ -27,7 +27,7 @@ TINY = ["--n_embd", "64", "--n_head", "4", "--n_layer", "2", "--block_size", "32
 
 def prepare(spec, encoding="utf-8", tokenizer=None):
     """The dataset train_llm.py prepares from --dataset_path spec: its documents found, then tokenized."""
-    return prepare_dataset(find_documents(spec, encoding), tokenizer)
+    return text_dataset(find_documents(spec, encoding), tokenizer)
 
 
 def run_script(script, *args, cwd, input=None, timeout=600, env=None):

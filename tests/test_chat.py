@@ -15,12 +15,13 @@ import torch
 from conftest import REPO, TINY, one_line_error, run_script
 from test_gpt2 import save_tiny_gpt2
 
-from custom_llm.chat import (CHAT_TEMPLATE, END_OF_TURN, TURN_START, ChatFormat, render, render_pieces,
+from custom_llm.chat_format import (CHAT_TEMPLATE, END_OF_TURN, TURN_START, ChatFormat, render, render_pieces,
                              with_chat_tokens)
-from custom_llm.conversations import check_conversation, pack, read_conversations, split_held_out
+from custom_llm.chat_data import PackedWindows, check_conversation, pack, read_conversations, split_held_out
 from custom_llm.corpus import find_documents
-from custom_llm.data import IGNORED, PackedConversations, get_batch
-from custom_llm.model import GPTLanguageModel, grow_vocabulary
+from custom_llm.chat_data import ChatDataset
+from custom_llm.data import IGNORED
+from custom_llm.model import build_model, grow_vocabulary
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, load_tokenizer, train_bpe_tokenizer
 
 CHAT_TINY = [*TINY, "--block_size", "64"]   # room for a whole exchange
@@ -143,7 +144,7 @@ def test_adding_the_chat_tokens_keeps_every_id_and_is_done_once():
 def test_the_model_grows_by_rows_and_old_tokens_keep_their_logits():
     torch.manual_seed(0)
     config = {"vocab_size": 20, "n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 8, "dropout": 0.0}
-    model = GPTLanguageModel(config).eval()
+    model = build_model(config).eval()
     x = torch.tensor([[1, 5, 7, 3]])
     before = model(x)[0]
     grow_vocabulary(model, 22)
@@ -159,12 +160,13 @@ def test_the_model_grows_by_rows_and_old_tokens_keep_their_logits():
 def test_the_loss_counts_only_the_answers():
     torch.manual_seed(0)
     config = {"vocab_size": 12, "n_embd": 16, "n_head": 2, "n_layer": 1, "block_size": 7, "dropout": 0.0}
-    model = GPTLanguageModel(config)
+    model = build_model(config)
     windows = torch.randint(0, 12, (2, 8)).numpy()
     targets = np.zeros((2, 8), dtype=bool)
     targets[0, 5:7] = targets[1, 2] = True
-    part = PackedConversations(windows, targets, 2, 0)
-    x, y = get_batch(part, np.array([0, 1]), 7)
+    part = PackedWindows(windows, targets, 2, 0)
+    dataset = ChatDataset(None, None, 7, 0, False, train=part, val=part)
+    x, y = dataset.batch("train", np.array([0, 1]))
     assert (y == IGNORED).sum() == 14 - 3
     logits, loss = model(x, y)
     picked = torch.tensor([[0, 4], [0, 5], [1, 1]])    # (window, position) of the three answer targets

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import Terminal, one_line_error, run_script
 
-from custom_llm.chat import END_OF_TURN, TURN_START, ChatFormat, Conversation, TurnTooLong, with_chat_tokens
+from custom_llm.chat_format import END_OF_TURN, TURN_START, ChatFormat, ChatHistory, TurnTooLong, with_chat_tokens
 from custom_llm.export import write_gguf_atomic
-from custom_llm.model import GPTLanguageModel
+from custom_llm.model import build_model
 from custom_llm.runtime import GGUFModel
 from custom_llm.textfile import END_OF_TEXT
 from custom_llm.tokenizer import build_char_tokenizer
@@ -28,13 +28,13 @@ def id_of(tokenizer, token: str) -> int:
     return token_id
 
 
-def bigram_model(tokenizer, follows: dict) -> GPTLanguageModel:
+def bigram_model(tokenizer, follows: dict):
     """A model whose next token depends on the last one alone: follows[a] = b makes b the greedy
     choice after a. The blocks add nothing and positions are zero, so the last hidden state is
     LayerNorm(wte[a]); the head's row for b is that vector, and by Cauchy-Schwarz (every such
     vector has the same length) no other row scores as high."""
     torch.manual_seed(0)
-    model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
+    model = build_model({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     with torch.no_grad():
         model.wte.weight.normal_()
         model.wpe.weight.zero_()
@@ -59,7 +59,7 @@ def folder(tmp_path_factory):
     write_gguf_atomic(model, tokenizer, str(folder / "chat.gguf"), "F32")
     text_tokenizer = build_char_tokenizer(CHARACTERS)
     torch.manual_seed(0)
-    text_model = GPTLanguageModel({**CONFIG, "vocab_size": text_tokenizer.get_vocab_size()}).eval()
+    text_model = build_model({**CONFIG, "vocab_size": text_tokenizer.get_vocab_size()}).eval()
     write_gguf_atomic(text_model, text_tokenizer, str(folder / "text.gguf"), "F32")
     folder.joinpath("tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
     return folder
@@ -176,9 +176,9 @@ def test_conversation_drops_whole_turns_and_keeps_the_system_message():
     def encode(messages):                      # ten ids a message, two more for the answer's start
         return [0] * (10 * len(messages) + 2)
     turns = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
-    messages, ids, dropped = Conversation("sys", list(turns)).fit("q4", encode, 61)
+    messages, ids, dropped = ChatHistory("sys", list(turns)).fit("q4", encode, 61)
     assert dropped == 2 and len(ids) == 42                               # whole turns, never half
-    conversation = Conversation("sys", list(turns))
+    conversation = ChatHistory("sys", list(turns))
     messages, ids, dropped = conversation.fit("q4", encode, 62)         # system, 2 turns, q4
     assert dropped == 1 and len(ids) == 62
     assert messages[0] == {"role": "system", "content": "sys"} and messages[1] == user("q2")

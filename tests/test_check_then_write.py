@@ -70,9 +70,9 @@ def bad_weights(folder, kind):
         data = (folder / "trained_model.pth").read_bytes()
         path.write_bytes(data[:len(data) // 2])
     elif kind == "another shape":
-        from custom_llm.model import GPTLanguageModel
+        from custom_llm.model import build_model
         config = torch.load(folder / "model_config.pth", weights_only=True)
-        torch.save(GPTLanguageModel({**config, "n_embd": 32, "n_head": 2}).state_dict(), path)
+        torch.save(build_model({**config, "n_embd": 32, "n_head": 2}).state_dict(), path)
     elif kind == "not weights":
         torch.save({"hello": "world"}, path)
     return path

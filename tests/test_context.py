@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from custom_llm.export import (GGUF_CONTEXT, POSITION_RULES, extended_positions, gguf_context_length,
-                               quant_types, quantize_atomic, write_gguf_atomic, write_hf_folder)
-from custom_llm.model import GPTLanguageModel
-from custom_llm.runtime import TRAINED_CONTEXT_KEY, GGUFModel
+from custom_llm import gguf_keys
+from custom_llm.export import quant_types, quantize_atomic, write_gguf_atomic, write_hf_folder
+from custom_llm.gpt2 import GGUF_CONTEXT, POSITION_RULES, extended_positions, gguf_context_length
+from custom_llm.model import build_model
+from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer
 
 BLOCK = 32
@@ -82,7 +83,7 @@ def run_child(path, tokenizer, to_the_end=False):
 def model_and_f32(tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = build_char_tokenizer(list("abcdefghij ."))
-    model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
+    model = build_model({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     folder = tmp_path_factory.mktemp("context")
     source = folder / "model.F32.gguf"
     write_gguf_atomic(model, tokenizer, str(source), "F32")
@@ -147,7 +148,7 @@ def test_the_trained_rows_are_kept_and_the_rest_follow_the_rule(model_and_f32):
     rows = gguf_context_length(BLOCK)
     trained = model.wpe.weight.detach().numpy()
     assert rows == GGUF_CONTEXT and int(fields["gpt2.context_length"][0]) == rows == table.data.shape[0]
-    assert int(fields[TRAINED_CONTEXT_KEY][0]) == BLOCK
+    assert int(fields[gguf_keys.TRAINED_CONTEXT][0]) == BLOCK
     assert np.array_equal(table.data[:BLOCK], trained)
     assert np.array_equal(table.data, extended_positions(trained, rows))
     description = bytes(fields["general.description"]).decode()

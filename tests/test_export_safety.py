@@ -20,7 +20,7 @@ import custom_llm.isolated as isolated
 from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
 from custom_llm.export import HFExport, block_size, fallback_tensors, quantize_atomic, tensor_types, write_gguf_atomic
-from custom_llm.model import GPTLanguageModel
+from custom_llm.model import build_model
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import build_char_tokenizer, encode
 
@@ -242,7 +242,7 @@ def tiny_model(n_embd):
     tokenizer = build_char_tokenizer(list("abcdefghij ."))
     config = {"vocab_size": tokenizer.get_vocab_size(), "n_embd": n_embd, "n_head": 4, "n_layer": 2,
               "block_size": 32, "dropout": 0.0}
-    return GPTLanguageModel(config).eval(), tokenizer
+    return build_model(config).eval(), tokenizer
 
 
 @pytest.mark.parametrize("n_embd,quant_type,expected", [

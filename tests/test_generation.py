@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import REPO, Terminal, one_line_error, prepare, run_script
 from hypothesis import given, settings as hsettings, strategies as st
 
-from custom_llm.data import VALIDATION_FRACTION
+from custom_llm.text_data import VALIDATION_FRACTION
 from custom_llm.export import write_gguf_atomic
 from custom_llm.commands import apply_command
 from custom_llm.sampling import Sampler, Settings, StopStrings

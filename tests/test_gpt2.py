@@ -12,7 +12,7 @@ from conftest import TINY, assert_same_greedy_text, make_text, one_line_error, r
 
 from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
-from custom_llm.gpt2 import load_gpt2_model, load_gpt2_tokenizer, read_gpt2_folder
+from custom_llm.gpt2_folder import load_gpt2_model, load_gpt2_tokenizer, read_gpt2_folder
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer
 

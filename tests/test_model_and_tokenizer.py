@@ -16,14 +16,14 @@ from custom_llm.sampling import Sampler, Settings
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import BYTE_SYMBOLS, END_OF_TEXT, build_char_tokenizer, decode, encode, train_bpe_tokenizer
 from custom_llm.context import fit_prompt, slide
-from custom_llm.model import GPTLanguageModel, KVCache, count_parameters
+from custom_llm.model import build_model, KVCache, count_parameters
 
 CONFIG = {"vocab_size": 300, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16, "dropout": 0.0}
 
 
 def test_forward_shapes_and_initial_loss():
     torch.manual_seed(0)
-    model = GPTLanguageModel(CONFIG)
+    model = build_model(CONFIG)
     idx = torch.randint(0, 300, (3, 16))
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 300)
@@ -35,7 +35,7 @@ def test_forward_shapes_and_initial_loss():
 
 
 def test_graph_is_gpt2():
-    model = GPTLanguageModel(CONFIG)
+    model = build_model(CONFIG)
     assert model.lm_head.bias is None  # llama.cpp's gpt2 output matrix has no bias
     assert all(block.ln_1.bias is not None and block.attn.c_attn.out_features == 3 * 32 for block in model.h)
     x = torch.linspace(-4, 4, 101)
@@ -53,7 +53,7 @@ def test_context_rule():
 
 def test_generate_runs_far_past_the_context():
     torch.manual_seed(0)
-    model = GPTLanguageModel(CONFIG)
+    model = build_model(CONFIG)
     prompt = torch.randint(0, 300, (2, 40))  # longer than block_size too
     out = model.generate(prompt, 100, temperature=0)
     assert out.shape == (2, 140) and torch.equal(out[:, :40], prompt)
@@ -63,7 +63,7 @@ def test_generate_runs_far_past_the_context():
 
 def test_one_forward_pass_with_or_without_a_kv_cache():
     torch.manual_seed(0)
-    model = GPTLanguageModel(CONFIG).eval()
+    model = build_model(CONFIG).eval()
     idx = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         whole = model(idx)[0]
@@ -79,7 +79,7 @@ def test_generate_samples_with_the_inference_sampler():
     """PyTorch generate() draws what sampling.Sampler (inference_gguf.py's sampler) draws from
     the model's logits, and every sampling control works there."""
     torch.manual_seed(0)
-    model = GPTLanguageModel(CONFIG).eval()
+    model = build_model(CONFIG).eval()
     prompt = torch.randint(0, 300, (1, 5))
     n = 40                                   # past block_size: the window slides
     greedy = model.generate(prompt, n, temperature=0)
@@ -169,7 +169,7 @@ def gguf_pair(request, tmp_path_factory):
         text = TRAINING_TEXT if request.param == "mixed" else "just plain ascii text, nothing else!\n"
         tokenizer = build_char_tokenizer(sorted(set(text)))
     torch.manual_seed(0)
-    model = GPTLanguageModel({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
+    model = build_model({**CONFIG, "vocab_size": tokenizer.get_vocab_size()}).eval()
     path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
     write_gguf_atomic(model, tokenizer, str(path), "F32")
     return model, tokenizer, GGUFModel(str(path), logits_all=True)

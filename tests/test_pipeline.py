@@ -12,7 +12,7 @@ from custom_llm.export import FORMATS, quantize_atomic, write_gguf_atomic
 from custom_llm.runtime import GGUFModel
 from custom_llm.tokenizer import encode, load_tokenizer
 from custom_llm.files import load_config, load_trained_model
-from llm_model import GPTLanguageModel  # as the README shows
+from llm_model import build_model  # the model a saved config describes
 
 PROMPT = "The miller mends"
 
@@ -42,7 +42,7 @@ def test_training_output_and_files(trained, text_file):
     assert config["vocab_size"] == tokenizer.get_vocab_size() < 10000  # written back
     assert len(encode(tokenizer, text)) == len(text)  # character level
     # The documented way to load the weights works as written.
-    model = GPTLanguageModel(torch.load(folder / "model_config.pth"))
+    model = build_model(torch.load(folder / "model_config.pth"))
     model.load_state_dict(torch.load(folder / "trained_model.pth"))
 
 

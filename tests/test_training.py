@@ -22,7 +22,7 @@ import custom_llm.textfile as textfile
 import custom_llm.training as training
 from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError
-from custom_llm.model import GPTLanguageModel
+from custom_llm.model import build_model
 from custom_llm.optimizer import make_optimizer
 from custom_llm.precision import cpu_info
 from custom_llm.schedule import learning_rate_at
@@ -48,7 +48,7 @@ SMALL = {"vocab_size": 50, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size"
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
-    model = GPTLanguageModel(SMALL)
+    model = build_model(SMALL)
     muon, adamw = make_optimizer(model, 0.01, 0.1, "cpu", "muon").optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -67,7 +67,7 @@ def test_optimizer_state_round_trips_and_both_kinds_learn():
     torch.manual_seed(0)
     idx = torch.randint(0, 50, (8, 16))
     for kind in ("muon", "adamw"):
-        model = GPTLanguageModel(SMALL)
+        model = build_model(SMALL)
         optimizer = make_optimizer(model, 0.01, 0.1, "cpu", kind)
         first = model(idx, idx)[1].item()
         for _ in range(30):
@@ -82,7 +82,7 @@ def test_optimizer_state_round_trips_and_both_kinds_learn():
                 [v for v in a.state[s].values() if torch.is_tensor(v)],
                 [v for v in b.state[s].values() if torch.is_tensor(v)]))
     # Checkpoints from before Muon hold one plain AdamW state dict (matrices decayed, vectors not).
-    old = GPTLanguageModel(SMALL)
+    old = build_model(SMALL)
     plain = torch.optim.AdamW([{"params": [p for p in old.parameters() if p.dim() >= 2]},
                                {"params": [p for p in old.parameters() if p.dim() < 2]}])
     old(idx, idx)[1].backward()
@@ -103,7 +103,7 @@ def test_bf16_autocast_keeps_cpu_attention_in_float32(monkeypatch):
 
     monkeypatch.setattr(llm_model.F, "scaled_dot_product_attention", spy)
     torch.manual_seed(0)
-    model = GPTLanguageModel(SMALL)
+    model = build_model(SMALL)
     idx = torch.randint(0, 50, (4, 16))
     reference = model(idx, idx)[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
-"""Conversations to train a chat model on: JSONL files read and checked line by line, whole
-conversations held out, and the rest packed into training windows (the chat's way to the batches,
-beside the text's in corpus.py).
+"""Conversations as training data (data.py's chat kind): JSONL files read and checked line by
+line, whole conversations held out, and the rest packed into training windows; a chat model trains
+on its answers only.
 
 Each line is one conversation, in OpenAI's fine-tuning format (that of Hugging Face chat sets):
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
@@ -9,7 +9,7 @@ the encoding, an unknown role, no assistant turn, an empty or non-text content) 
 its file and line number and is skipped; messages after the last answer teach nothing and are
 dropped.
 
-The conversations are rendered and tokenized by chat.py (the template), and packed greedily into
+The conversations are rendered and tokenized by chat_format.py (the template), and packed greedily into
 windows of block_size + 1 tokens, a conversation never split between windows; one longer than a
 window loses its oldest whole turns (or, when its last exchange alone is too long, the tokens
 before the last window's worth), and these cuts are counted. Only the answers are targets.
@@ -17,14 +17,18 @@ before the last window's worth), and these cuts are counted. Only the answers ar
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from custom_llm.chat import ROLES, TURN_START, ChatFormat, conversation_runs, with_chat_tokens
+from custom_llm.chat_format import (DEFAULT_TEMPLATE, ROLES, TEMPLATES, ChatFormat, conversation_runs,
+                                    template_of_tokenizer, with_chat_tokens)
 from custom_llm.corpus import Corpus, spec_text
-from custom_llm.data import PackedConversations
+from custom_llm.data import IGNORED, Dataset, HeldOut
 from custom_llm.errors import UserError, cannot_read
+from custom_llm.text_data import to_device
 from custom_llm.textfile import END_OF_TEXT, codec
 from custom_llm.tokenizer import build_char_tokenizer, train_bpe_tokenizer
 
@@ -33,7 +37,7 @@ HELD_OUT_EVERY = 10          # about one conversation in ten is held out for val
 SHOWN_NOTES = 10             # bad lines named one by one; the rest are counted
 
 
-def is_chat_corpus(corpus: Corpus) -> bool:
+def claims(corpus: Corpus) -> bool:
     """Conversations (JSONL) rather than text; a corpus of both is refused: they train in stages."""
     kinds = {d.path.lower().endswith(CHAT_SUFFIX) for d in corpus.documents}
     if len(kinds) > 1:
@@ -126,13 +130,14 @@ def split_held_out(conversations: list):
 
 # ------------------------------------------------------------------ tokenizing and packing
 
-def chat_tokenizer_for(runs: list, kind: str, vocab_size: int = None):
-    """A new tokenizer for rendered conversations (chat.conversation_runs), with the chat's special
-    tokens: one token per character of their text, or a BPE of vocab_size trained on it."""
-    texts = [text for conversation in runs for text, special, _ in conversation if not special]
+def chat_tokenizer_for(runs: list, kind: str, vocab_size: int = None, template=DEFAULT_TEMPLATE):
+    """A new tokenizer for rendered conversations (chat_format.conversation_runs), with the
+    template's special tokens: one token per character of their text, or a BPE of vocab_size
+    trained on it."""
+    texts = [run.text for conversation in runs for run in conversation if not run.special]
     if kind == "bpe":
-        return with_chat_tokens(train_bpe_tokenizer(iter(texts), vocab_size))
-    return with_chat_tokens(build_char_tokenizer(dict.fromkeys("".join(texts))))
+        return with_chat_tokens(train_bpe_tokenizer(iter(texts), vocab_size), template)
+    return with_chat_tokens(build_char_tokenizer(dict.fromkeys("".join(texts))), template)
 
 
 def cut_to_fit(ids, targets, window: int, turn_start_id: int):
@@ -146,7 +151,20 @@ def cut_to_fit(ids, targets, window: int, turn_start_id: int):
     return ids[start:], targets[start:], True
 
 
-def pack(encoded: list, window: int, pad_id: int, turn_start_id: int) -> PackedConversations:
+@dataclass
+class PackedWindows:
+    """Conversations packed into windows of block_size + 1 tokens: the training or the validation
+    part of a ChatDataset. Only the target positions (the answers) are trained on."""
+    windows: np.ndarray         # (n, block_size + 1) token ids
+    targets: np.ndarray         # (n, block_size + 1) bool: this token is an answer's, to be predicted
+    n_conversations: int
+    n_cut: int                  # conversations longer than a window, cut to fit
+
+    def __len__(self) -> int:   # tokens, as for text: an epoch is every window once
+        return self.windows.shape[0] * (self.windows.shape[1] - 1)
+
+
+def pack(encoded: list, window: int, pad_id: int, turn_start_id: int) -> PackedWindows:
     """Encoded conversations packed in order into windows of `window` tokens, each conversation
     whole in one window; the rest of a window is padding, never a target."""
     rows, row_targets, n_cut = [], [], 0
@@ -168,32 +186,34 @@ def pack(encoded: list, window: int, pad_id: int, turn_start_id: int) -> PackedC
     for i, (ids, targets) in enumerate(zip(rows, row_targets)):
         windows[i, :len(ids)] = ids
         target_mask[i, :len(targets)] = targets
-    return PackedConversations(windows, target_mask, len(encoded), n_cut)
+    return PackedWindows(windows, target_mask, len(encoded), n_cut)
 
 
 @dataclass
-class ConversationSet:
-    """What train_llm.py trains a chat model on: the Dataset of conversations."""
-    tokenizer: object
-    train: PackedConversations
-    val: PackedConversations
-    corpus: Corpus
-    n_characters: int
-    n_tokens: int
-    notes: list = field(default_factory=list)
-    from_cache: bool = False
+class ChatDataset(Dataset):
+    """What train_llm.py trains a chat model on."""
+    train: PackedWindows = None
+    val: PackedWindows = None
+    template: object = DEFAULT_TEMPLATE     # chat_format.ChatTemplate
+    n_token_count: int = 0
+    seconds: float = 0.0
+    sparse_targets = True
 
     @property
-    def text_hash(self) -> str:
-        return self.corpus.key
+    def n_tokens(self) -> int:
+        return self.n_token_count
 
     @property
-    def characters_per_token(self) -> float:
-        return self.n_characters / max(1, self.n_tokens)
+    def n_train_tokens(self) -> int:
+        return len(self.train)
 
     @property
     def val_source(self) -> str:
         return f"the {self.val.n_conversations} held-out conversations of {spec_text(self.corpus.spec)}"
+
+    @property
+    def saved_with_model(self) -> dict:
+        return {"chat_template": self.template.name}
 
     def describe(self) -> str:
         train, val = self.train, self.val
@@ -203,31 +223,64 @@ class ConversationSet:
                 f"held out ({len(val.windows):,} windows) of {train.windows.shape[1] - 1} tokens; "
                 f"{100 * train.targets[:, 1:].mean():.0f}% of the training positions are answers"
                 + (f"; {cut:,} conversation{'s' if cut > 1 else ''} longer than a window lost their "
-                   "oldest turns" if cut else ""))
+                   "oldest turns" if cut else "") + f" (prepared in {self.seconds:.1f}s)")
+
+    def check_fits(self) -> None:
+        """Each part holds at least one conversation (read_conversations), so one window."""
+
+    def draw(self, split, generator, count):
+        """Indices of packed windows."""
+        return generator.integers(0, self._part(split).windows.shape[0], size=count)
+
+    def batch(self, split, offsets, device="cpu"):
+        part = self._part(split)
+        window = torch.from_numpy(part.windows[offsets].astype(np.int64))
+        targets = np.where(part.targets[offsets, 1:], part.windows[offsets, 1:], IGNORED)
+        return to_device(window[:, :-1], torch.from_numpy(targets.astype(np.int64)), device)
+
+    def _part(self, split: str) -> PackedWindows:
+        return {"train": self.train, "val": self.val}[split]
 
 
-def prepare_conversations(corpus: Corpus, tokenizer, config: dict) -> ConversationSet:
+# ------------------------------------------------------------------ the kind (data.py)
+
+def prepare(corpus: Corpus, tokenizer, config: dict) -> ChatDataset:
     """The corpus's conversations, checked, held out, tokenized (with the given tokenizer, grown by
-    the chat tokens, or a new one) and packed into windows of the config's block_size + 1."""
+    the template's tokens, or a new one) and packed into windows of the config's block_size + 1.
+    The template: the given tokenizer's, else the config's, else the default (ChatML)."""
+    started = time.time()
+    template = (tokenizer is not None and template_of_tokenizer(tokenizer)) or \
+        TEMPLATES.get(config.get("chat_template"), DEFAULT_TEMPLATE)
     conversations, notes = read_conversations(corpus)
-    training, held_out = split_held_out(conversations)
-    runs_train, runs_val = conversation_runs(training), conversation_runs(held_out)   # rendered once
+    training, held = split_held_out(conversations)
+    runs_train, runs_val = (conversation_runs(part, template=template) for part in (training, held))  # rendered once
+    made = []
     if tokenizer is None:
         tokenizer = chat_tokenizer_for(runs_train + runs_val, config.get("tokenizer", "char"),
-                                       config.get("vocab_size_requested", config.get("vocab_size")))
+                                       config.get("vocab_size_requested"), template)
     else:
-        tokenizer = with_chat_tokens(tokenizer)
-    chat = ChatFormat(tokenizer)
+        grown = with_chat_tokens(tokenizer, template)
+        if grown is not tokenizer:
+            made.append(f"The tokenizer gains the chat's tokens: {tokenizer.get_vocab_size()} -> "
+                        f"{grown.get_vocab_size()} tokens (the model grows by as many rows)")
+        tokenizer = grown
+    chat = ChatFormat(tokenizer, template)
     window, pad_id, turn_start = config["block_size"] + 1, tokenizer.token_to_id(END_OF_TEXT), \
-        tokenizer.token_to_id(TURN_START)
+        tokenizer.token_to_id(template.turn_start)
     encoded_train, encoded_val = chat.encode_runs(runs_train), chat.encode_runs(runs_val)
     n_characters = sum(len(m["content"]) for messages in conversations for m in messages)
-    n_tokens = sum(len(ids) for ids, _ in encoded_train + encoded_val)
-    return ConversationSet(tokenizer, pack(encoded_train, window, pad_id, turn_start),
-                           pack(encoded_val, window, pad_id, turn_start),
-                           corpus, n_characters, n_tokens, notes=corpus.notes() + notes)
+    return ChatDataset(tokenizer, corpus, config["block_size"], n_characters, False, notes=corpus.notes() + notes,
+                       made=made, train=pack(encoded_train, window, pad_id, turn_start),
+                       val=pack(encoded_val, window, pad_id, turn_start), template=template,
+                       n_token_count=sum(len(ids) for ids, _ in encoded_train + encoded_val),
+                       seconds=time.time() - started)
 
 
-def held_out_conversations(corpus: Corpus) -> list:
-    """The held-out conversations (as training chose them), for the export's checks."""
-    return split_held_out(read_conversations(corpus)[0])[1]
+def held_out(corpus: Corpus, tokenizer, config: dict) -> HeldOut:
+    """The held-out conversations (as training chose them), formatted one after the other, and
+    themselves, to answer."""
+    conversations = split_held_out(read_conversations(corpus)[0])[1]
+    template = template_of_tokenizer(tokenizer) or DEFAULT_TEMPLATE
+    tokens = [int(t) for ids, _ in ChatFormat(tokenizer, template).encode_many(conversations) for t in ids]
+    return HeldOut(tokens, f"the {len(conversations)} held-out conversations of {spec_text(corpus.spec)}",
+                   conversations)

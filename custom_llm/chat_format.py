@@ -1,74 +1,136 @@
-"""The chat format: one template, the single source of how a conversation becomes tokens.
+"""The chat format, every fact of it in one place: the templates (the single source of how a
+conversation becomes tokens), their special tokens, the ids that end an answer, and whether a
+tokenizer or a GGUF belongs to a chat model.
 
-A chat model's tokenizer holds two more special tokens, <|im_start|> and <|im_end|> (the end of
-a turn), and its layout is ChatML, written as the Jinja template CHAT_TEMPLATE. ChatML is the
-layout every llama.cpp front end knows: llama-cpp-python recognises this exact template,
-llama.cpp's C++ front ends recognise <|im_start|> even without Jinja, Ollama maps it to its
-ChatML template. The same template string goes into the HF export (chat_template) and the GGUF
-(tokenizer.chat_template), and it is rendered here, with Jinja, for training and for generation:
+A chat model's tokenizer holds two more special tokens, its template's turn start and end of turn,
+and its config names its template (config["chat_template"], as TEMPLATES names it). The one
+template today is ChatML, written as Jinja: the layout every llama.cpp front end knows
+(llama-cpp-python recognises this exact template, llama.cpp's C++ front ends recognise
+<|im_start|> even without Jinja, Ollama maps it to its ChatML template). The same template string
+goes into the HF export (chat_template) and the GGUF (tokenizer.chat_template), and it is rendered
+here, with Jinja, for training and for generation:
 
   * render_pieces renders the template with each message's content replaced by a placeholder, so
     what the template wrote (the frame) and what the user wrote (the contents) stay apart;
   * the frame's special tokens become their ids; the text between them, frame and contents
     together, is tokenized as llama.cpp tokenizes a rendered prompt (split at special tokens, each
-    stretch of text on its own), except that a content's text never becomes a special token,
-    even if someone types "<|im_end|>";
+    stretch of text on its own), except that a content's text never becomes a special token;
   * the assistant's contents, and the end-of-turn token that closes each, are the training
     targets; the rest is context.
+
+A second layout is one more ChatTemplate in TEMPLATES.
 """
 
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from custom_llm.textfile import END_OF_TEXT
 
-TURN_START = "<|im_start|>"
-END_OF_TURN = "<|im_end|>"
-CHAT_TOKENS = [TURN_START, END_OF_TURN]
-SPECIAL_TOKENS = [END_OF_TEXT] + CHAT_TOKENS
 ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str               # saved in the model's config (config["chat_template"])
+    jinja: str              # what the HF export and the GGUF carry, and what is rendered here
+    turn_start: str         # its special tokens, added to a chat model's tokenizer
+    end_of_turn: str        # ends an answer
+
+    @property
+    def chat_tokens(self) -> list:
+        return [self.turn_start, self.end_of_turn]
+
+    @property
+    def special_tokens(self) -> list:
+        return [END_OF_TEXT] + self.chat_tokens
+
 
 # ChatML. Not character for character llama-cpp-python's own ChatML template on purpose: on that
 # string it formats with a built-in formatter that adds an empty system turn when there is none,
 # unlike every other front end; on any other template it renders the template itself, as here.
-CHAT_TEMPLATE = ("{%- for message in messages -%}"
-                 "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-                 "{%- endfor -%}"
-                 "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+CHATML = ChatTemplate(
+    "chatml",
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    "<|im_start|>", "<|im_end|>")
+TEMPLATES = {template.name: template for template in [CHATML]}
+DEFAULT_TEMPLATE = CHATML
 
-_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")   # private-use characters: no content holds them
-_SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+# The default template's, by name (the tests and the benchmark write them).
+CHAT_TEMPLATE, TURN_START, END_OF_TURN = CHATML.jinja, CHATML.turn_start, CHATML.end_of_turn
+SPECIAL_TOKENS = CHATML.special_tokens
+
+
+def template_of_tokenizer(tokenizer) -> Optional[ChatTemplate]:
+    """The template whose special tokens the tokenizer holds: a chat model's; None for a model
+    that continues text."""
+    for template in TEMPLATES.values():
+        if all(tokenizer.token_to_id(t) is not None for t in template.chat_tokens):
+            return template
+    return None
 
 
 def is_chat_tokenizer(tokenizer) -> bool:
-    return all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+    return template_of_tokenizer(tokenizer) is not None
 
 
-def with_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer with the chat's special tokens (a copy, after its last id), or itself when it
-    has them. Earlier ids keep their meaning, so trained weights grow by rows (model.py)."""
-    if is_chat_tokenizer(tokenizer):
+def template_of_config(config: dict, tokenizer) -> Optional[ChatTemplate]:
+    """A trained model's template: the one its config names (models trained before the name was
+    saved: the one its tokenizer's tokens belong to); None for a model that continues text."""
+    name = config.get("chat_template")
+    return TEMPLATES[name] if name in TEMPLATES else template_of_tokenizer(tokenizer)
+
+
+def template_of_gguf(jinja: Optional[str]) -> Optional[ChatTemplate]:
+    """A GGUF's template, from its tokenizer.chat_template; None when it has none. A template this
+    project does not know raises ValueError (the file was written by something else)."""
+    if jinja is None:
+        return None
+    for template in TEMPLATES.values():
+        if template.jinja == jinja:
+            return template
+    raise ValueError("unknown chat template")
+
+
+def end_ids(tokenizer, template: Optional[ChatTemplate]) -> set:
+    """The ids that end an answer: the end of text, and a chat model's end of turn."""
+    ids = {tokenizer.token_to_id(END_OF_TEXT)}
+    if template is not None:
+        ids.add(tokenizer.token_to_id(template.end_of_turn))
+    return ids
+
+
+def with_chat_tokens(tokenizer: Tokenizer, template: ChatTemplate = DEFAULT_TEMPLATE) -> Tokenizer:
+    """The tokenizer with the template's special tokens (a copy, after its last id), or itself
+    when it has them. Earlier ids keep their meaning, so trained weights grow by rows (model.py)."""
+    if all(tokenizer.token_to_id(t) is not None for t in template.chat_tokens):
         return tokenizer
     grown = Tokenizer.from_str(tokenizer.to_str())
-    grown.add_special_tokens(CHAT_TOKENS)
+    grown.add_special_tokens(template.chat_tokens)
     return grown
 
 
-@lru_cache(maxsize=1)
-def _template():
+@lru_cache(maxsize=None)
+def _compiled(template: ChatTemplate):
     from jinja2.sandbox import ImmutableSandboxedEnvironment   # as transformers renders templates
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return environment.from_string(CHAT_TEMPLATE)
+    specials = re.compile("(" + "|".join(re.escape(t) for t in template.special_tokens) + ")")
+    return environment.from_string(template.jinja), specials
 
 
-def render(messages, add_generation_prompt: bool = False) -> str:
+def render(messages, add_generation_prompt: bool = False, template: ChatTemplate = DEFAULT_TEMPLATE) -> str:
     """The conversation as the template writes it: the text every front end feeds the model."""
-    return _template().render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return _compiled(template)[0].render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")   # private-use characters: no content holds them
 
 
 @dataclass
@@ -78,12 +140,13 @@ class Piece:
     target: bool            # trained on: an assistant's content, and the end of its turn
 
 
-def render_pieces(messages, add_generation_prompt: bool = False) -> list:
+def render_pieces(messages, add_generation_prompt: bool = False, template: ChatTemplate = DEFAULT_TEMPLATE) -> list:
     """The rendered conversation as pieces: the template's special tokens, and text. The text
     pieces of the template and of the contents alternate, so no content is read for a special
     token; the assistant's contents and the special token after each (its end of turn) are targets."""
     stand_ins = [dict(message, content=f"\ue000{i}\ue001") for i, message in enumerate(messages)]
-    rendered = render(stand_ins, add_generation_prompt)
+    rendered = render(stand_ins, add_generation_prompt, template)
+    specials = _compiled(template)[1]
     pieces, after_answer = [], False
     for i, part in enumerate(_PLACEHOLDER.split(rendered)):
         if i % 2:   # a content
@@ -92,7 +155,7 @@ def render_pieces(messages, add_generation_prompt: bool = False) -> list:
             pieces.append(Piece(message["content"], False, answer))
             after_answer = answer
             continue
-        for j, frame in enumerate(_SPECIAL.split(part)):
+        for j, frame in enumerate(specials.split(part)):
             if j % 2:
                 pieces.append(Piece(frame, True, after_answer))
                 after_answer = False
@@ -101,35 +164,43 @@ def render_pieces(messages, add_generation_prompt: bool = False) -> list:
     return pieces
 
 
+class TextRun(NamedTuple):
+    """A special token (targets: whether it is trained on), or the text between two of them
+    (targets: one flag per character)."""
+    text: str
+    special: bool
+    targets: object
+
+
 def text_runs(pieces) -> list:
-    """The pieces as runs: (special token, target) or (text, per-character target flags), the
-    text between two special tokens joined, as llama.cpp tokenizes a rendered prompt."""
+    """The pieces as TextRuns, the text between two special tokens joined, as llama.cpp tokenizes
+    a rendered prompt."""
     runs = []
     for piece in pieces:
         if piece.special:
-            runs.append((piece.text, True, piece.target))
-        elif runs and not runs[-1][1]:
-            text, _, flags = runs[-1]
-            runs[-1] = (text + piece.text, False, flags + [piece.target] * len(piece.text))
+            runs.append(TextRun(piece.text, True, piece.target))
+        elif runs and not runs[-1].special:
+            runs[-1] = TextRun(runs[-1].text + piece.text, False, runs[-1].targets + [piece.target] * len(piece.text))
         else:
-            runs.append((piece.text, False, [piece.target] * len(piece.text)))
+            runs.append(TextRun(piece.text, False, [piece.target] * len(piece.text)))
     return runs
 
 
-def conversation_runs(conversations, add_generation_prompt: bool = False) -> list:
+def conversation_runs(conversations, add_generation_prompt: bool = False,
+                      template: ChatTemplate = DEFAULT_TEMPLATE) -> list:
     """Each conversation rendered, as its text_runs."""
-    return [text_runs(render_pieces(m, add_generation_prompt)) for m in conversations]
+    return [text_runs(render_pieces(m, add_generation_prompt, template)) for m in conversations]
 
 
 class ChatFormat:
     """Conversations to token ids (and training targets) with a chat tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate = DEFAULT_TEMPLATE):
+        self.tokenizer, self.template = tokenizer, template
         self.literal = Tokenizer.from_str(tokenizer.to_str())
         self.literal.encode_special_tokens = True   # "<|im_end|>" typed in a message is text
-        self.special_ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.end_of_turn = self.special_ids[END_OF_TURN]
+        self.special_ids = {t: tokenizer.token_to_id(t) for t in template.special_tokens}
+        self.end_of_turn = self.special_ids[template.end_of_turn]
 
     def encode(self, messages, add_generation_prompt: bool = False):
         """(ids, target flags) of one conversation."""
@@ -138,11 +209,11 @@ class ChatFormat:
     def encode_many(self, conversations, add_generation_prompt: bool = False) -> list:
         """[(ids as an int array, targets as a bool array)], one per conversation; their text is
         tokenized in one batch."""
-        return self.encode_runs(conversation_runs(conversations, add_generation_prompt))
+        return self.encode_runs(conversation_runs(conversations, add_generation_prompt, self.template))
 
     def encode_runs(self, all_runs) -> list:
         """encode_many for conversations already rendered (conversation_runs)."""
-        texts = [run[0] for runs in all_runs for run in runs if not run[1]]
+        texts = [run.text for runs in all_runs for run in runs if not run.special]
         encodings = iter(self.literal.encode_batch(texts, add_special_tokens=False))
         encoded = []
         for runs in all_runs:
@@ -179,7 +250,7 @@ class TurnTooLong(Exception):
 
 
 @dataclass
-class Conversation:
+class ChatHistory:
     """A conversation held at the prompt: an optional system message and whole turns (a user's
     message and its answer). Before each answer it is fitted to the context: its oldest whole
     turns go, never half a turn, and the system message stays."""
@@ -201,7 +272,7 @@ class Conversation:
         dropped for good. Raises TurnTooLong (and drops nothing) when the system message and
         message alone are over limit."""
         for dropped in range(len(self.turns) + 1):
-            messages = Conversation(self.system, self.turns[dropped:]).messages(message)
+            messages = ChatHistory(self.system, self.turns[dropped:]).messages(message)
             ids = encode(messages)
             if len(ids) <= limit:
                 del self.turns[:dropped]
