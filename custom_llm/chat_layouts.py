@@ -101,7 +101,7 @@ def conversation(record, encoding: str = "utf-8"):
             break
     else:
         keys = [key for key, value in record.items() if value is not None]
-        found = ", ".join(json.dumps(key, ensure_ascii=False)[:40] for key in keys[:6]) + (" ..." if len(keys) > 6 else "")
+        found = ", ".join(json.dumps(key, ensure_ascii=False)[:40] for key in keys[:6]) + " ..." * (len(keys) > 6)
         return Reason("in no known layout", f"no known layout: its keys are {found or 'none'}; expected "
                       f"{expected_layouts()}")
     messages = layout.messages(record)

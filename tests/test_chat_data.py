@@ -50,8 +50,9 @@ LAYOUT_CASES = {
                              {"role": "assistant", "content": [{"type": "text", "text": "olip"}]}]}],
               [turn("Reverse pilo", "olip", system="Be terse.")]),
     "sharegpt": ([{"conversations": [{"from": "human", "value": "Spell rafu"}, {"from": "gpt", "value": "r-a-f-u"}]},
-                  {"conversations": [{"from": "system", "value": "Be terse."}, {"from": "User", "value": "Reverse kime"},
-                                     {"from": "Assistant", "value": "emik"}, {"from": "human", "value": "thanks"}]}],
+                  {"conversations": [{"from": "system", "value": "Be terse."},
+                                     {"from": "User", "value": "Reverse kime"}, {"from": "Assistant", "value": "emik"},
+                                     {"from": "human", "value": "thanks"}]}],
                  [turn("Spell rafu", "r-a-f-u"), turn("Reverse kime", "emik", system="Be terse.")]),
     "alpaca": ([{"instruction": "Spell the word", "input": "lunabo", "output": "l-u-n-a-b-o"},
                 {"instruction": "Reverse zefo", "input": "", "output": "ofez"},
@@ -100,13 +101,14 @@ def test_a_json_array_of_conversations_trains_as_conversations(tmp_path):
     assert run_script("llm_model.py", *CHAT_TINY, "-y", cwd=tmp_path).returncode == 0
     result = run_script("train_llm.py", "--dataset_path", "talks.json", "--max_steps", 2, *QUICK, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"Conversations: {len(set(words))} -> " in result.stdout or f"Conversations: {len(words)} -> " in result.stdout
+    assert f"Conversations: {len(words)} -> " in result.stdout
     assert "Text:" not in result.stdout
 
 
 def test_a_json_file_that_is_not_conversations_is_one_line_and_never_text(tmp_path):
     assert run_script("llm_model.py", *CHAT_TINY, "-y", cwd=tmp_path).returncode == 0
-    files = {"settings.json": ('{"learning": "fast", "colour": "teal"}', "holds an object with the keys learning, colour"),
+    files = {"settings.json": ('{"learning": "fast", "colour": "teal"}',
+                               "holds an object with the keys learning, colour"),
              "words.json": ('["bado", "kimu", "tesa"]', "holds an array whose first item is a string"),
              "broken.json": ('[{"prompt": "a", "completion": "b"},\n {"prompt": "c"', "is not valid JSON (line 2"),
              "number.json": ("42", "holds a number")}
@@ -121,8 +123,8 @@ def test_a_json_file_that_is_not_conversations_is_one_line_and_never_text(tmp_pa
 
 def test_json_lines_under_a_json_name_are_read_line_by_line(tmp_path):
     path = tmp_path / "export.json"   # as some tools name JSON Lines
-    write_jsonl(path, [{"prompt": "Spell sumo", "completion": "s-u-m-o"}, {"prompt": "Spell ravi", "completion": "r-a-v-i"}],
-                ["{not json"])
+    write_jsonl(path, [{"prompt": "Spell sumo", "completion": "s-u-m-o"},
+                       {"prompt": "Spell ravi", "completion": "r-a-v-i"}], ["{not json"])
     conversations, notes, skipped = read_conversations(find_documents(str(path)))
     assert conversations == [turn("Spell sumo", "s-u-m-o"), turn("Spell ravi", "r-a-v-i")]
     assert notes == [f"note: skipped {path}:3: not JSON (Expecting property name enclosed in double quotes)"]
@@ -136,7 +138,8 @@ def test_items_of_a_json_array_are_named_by_their_number(tmp_path):
     path.write_text("\ufeff" + json.dumps(records), encoding="utf-8")   # with a byte-order mark, on one line
     conversations, notes, _ = read_conversations(find_documents(str(path)))
     assert conversations == [turn("Spell sumo", "s-u-m-o"), turn("Spell kelo", "k-e-l-o")]
-    assert len(notes) == 1 and notes[0].startswith(f"note: skipped {path} item 2: no known layout: its keys are \"prompt\";")
+    assert len(notes) == 1
+    assert notes[0].startswith(f'note: skipped {path} item 2: no known layout: its keys are "prompt";'), notes
 
 
 def test_a_file_that_is_not_parquet_is_one_line(tmp_path):
