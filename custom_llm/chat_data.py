@@ -1,13 +1,11 @@
-"""Conversations as training data (data.py's chat kind): JSONL files read and checked line by
-line, whole conversations held out, and the rest packed into training windows; a chat model trains
+"""Conversations as training data (data.py's chat kind): conversation files read and checked
+record by record, whole conversations held out, and the rest packed into training windows; a chat model trains
 on its answers only.
 
-Each line is one conversation, in OpenAI's fine-tuning format (that of Hugging Face chat sets):
-    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
-or the one-turn shorthand {"prompt": "...", "completion": "..."}. A bad line (not JSON, not in
-the encoding, an unknown role, no assistant turn, an empty or non-text content) gets a note with
-its file and line number and is skipped; messages after the last answer teach nothing and are
-dropped.
+The files (.jsonl, .json, .parquet) and the layouts of a conversation in them (OpenAI's messages,
+ShareGPT, Alpaca, prompt/completion) are read and checked by chat_layouts.py; a record that is not
+a usable conversation gets a note with its file and line (or item, or row) and is skipped, and the
+reasons are counted.
 
 The conversations are rendered and tokenized by chat_format.py (the template), and packed greedily into
 windows of block_size + 1 tokens, a conversation never split between windows; one longer than a
@@ -18,100 +16,65 @@ before the last window's worth), and these cuts are counted. Only the answers ar
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from custom_llm.chat_format import (DEFAULT_TEMPLATE, ROLES, TEMPLATES, ChatFormat, conversation_runs,
-                                    template_of_tokenizer, with_chat_tokens)
+from custom_llm.chat_format import (DEFAULT_TEMPLATE, TEMPLATES, ChatFormat, conversation_runs, template_of_tokenizer,
+                                    with_chat_tokens)
+from custom_llm.chat_layouts import CONVERSATION_SUFFIXES, Reason, count_text, is_conversation_file, read_file
 from custom_llm.corpus import Corpus, spec_text
 from custom_llm.data import IGNORED, Dataset, HeldOut
-from custom_llm.errors import UserError, cannot_read
+from custom_llm.errors import UserError
 from custom_llm.text_data import to_device
 from custom_llm.textfile import END_OF_TEXT, codec
 from custom_llm.tokenizer import build_char_tokenizer, train_bpe_tokenizer
 
-CHAT_SUFFIX = ".jsonl"
 HELD_OUT_EVERY = 10          # about one conversation in ten is held out for validation, by content hash
 SHOWN_NOTES = 10             # bad lines named one by one; the rest are counted
+SHOWN_REASONS = 3            # reasons whose first bad line the error names when too few conversations are usable
 
 
 def claims(corpus: Corpus) -> bool:
-    """Conversations (JSONL) rather than text; a corpus of both is refused: they train in stages."""
-    kinds = {d.path.lower().endswith(CHAT_SUFFIX) for d in corpus.documents}
-    if len(kinds) > 1:
-        n_chat = sum(d.path.lower().endswith(CHAT_SUFFIX) for d in corpus.documents)
-        raise UserError(f"{spec_text(corpus.spec)} mixes {n_chat} conversation files (.jsonl) with "
-                        f"{len(corpus.documents) - n_chat} text files: train on the text first, then on the "
+    """Conversations rather than text; a corpus of both is refused: they train in stages."""
+    text = [d.path for d in corpus.documents if not is_conversation_file(d.path)]
+    if text and len(text) < len(corpus.documents):
+        raise UserError(f"{spec_text(corpus.spec)} mixes {len(corpus.documents) - len(text)} conversation files "
+                        f"({', '.join(CONVERSATION_SUFFIXES)}) with {len(text)} text files ({', '.join(text[:2])}"
+                        f"{' ...' if len(text) > 2 else ''}): train on the text first, then on the "
                         "conversations with --init_from trained_model.pth", 2)
-    return kinds == {True}
+    return not text
 
 
 # ------------------------------------------------------------------ reading
 
-def check_conversation(record):
-    """(messages, None) for a usable line's JSON value, else (None, why not)."""
-    if not isinstance(record, dict):
-        return None, "not a JSON object"
-    if "messages" not in record and "prompt" in record and "completion" in record:
-        record = {"messages": [{"role": "user", "content": record["prompt"]},
-                               {"role": "assistant", "content": record["completion"]}]}
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None, 'no "messages" list (or "prompt" and "completion")'
-    checked = []
-    for i, message in enumerate(messages, 1):
-        if not isinstance(message, dict):
-            return None, f"message {i} is not an object"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return None, f"message {i} has role {json.dumps(role)[:40]}, not one of {', '.join(ROLES)}"
-        if not isinstance(content, str):
-            return None, f"message {i}'s content is not text"
-        if not content.strip():
-            return None, f"message {i}'s content is empty"
-        checked.append({"role": role, "content": content})
-    answers = [i for i, m in enumerate(checked) if m["role"] == "assistant"]
-    if not answers:
-        return None, "no assistant turn"
-    return checked[:answers[-1] + 1], None
-
-
 def read_conversations(corpus: Corpus):
-    """(conversations, notes): every usable line of the corpus's files, and a note for each bad one."""
+    """(conversations, notes, skipped): every usable conversation of the corpus's files, a note for
+    each of the first bad records, and how many were skipped for each reason (chat_layouts.py)."""
     codec(corpus.encoding)
-    conversations, notes, n_bad = [], [], 0
+    conversations, bad = [], []
     for document in corpus.documents:
-        try:
-            with open(document.path, "rb") as f:
-                lines = f.read().split(b"\n")
-        except OSError as err:
-            raise cannot_read(document.path, err) from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                text = line.decode(corpus.encoding)
-                messages, why = check_conversation(json.loads(text[1:] if text.startswith("\ufeff") else text))
-            except UnicodeDecodeError:
-                messages, why = None, f"not {corpus.encoding} text"
-            except ValueError as err:
-                messages, why = None, f"not JSON ({str(err).split(':')[0]})"
-            if messages is None:
-                n_bad += 1
-                if n_bad <= SHOWN_NOTES:
-                    notes.append(f"note: skipped {document.path}:{number}: {why}")
-                continue
-            conversations.append(messages)
-    if n_bad > SHOWN_NOTES:
-        notes.append(f"note: skipped {n_bad - SHOWN_NOTES} more bad lines (the first {SHOWN_NOTES} are named above)")
+        for where, result in read_file(document.path, corpus.encoding):
+            if isinstance(result, Reason):
+                bad.append((document.path + where, result))
+            else:
+                conversations.append(result)
+    notes = [f"note: skipped {place}: {reason.detail}" for place, reason in bad[:SHOWN_NOTES]]
+    if len(bad) > SHOWN_NOTES:
+        notes.append(f"note: skipped {len(bad) - SHOWN_NOTES:,} more (the first {SHOWN_NOTES} are named above)")
+    skipped = Counter(reason.kind for _, reason in bad)
     if len(conversations) < 2:
+        first = {}   # the first bad record of each of the first SHOWN_REASONS reasons met
+        for place, reason in bad:
+            if len(first) < SHOWN_REASONS:
+                first.setdefault(reason.kind, f"{place}: {reason.detail}")
+        why = f", {len(bad):,} skipped: {count_text(skipped, first)}" if bad else ""
         raise UserError(f"{spec_text(corpus.spec)} holds {len(conversations)} usable conversation"
-                        f"{'' if len(conversations) == 1 else 's'} ({n_bad} bad line{'' if n_bad == 1 else 's'}): "
-                        "training needs at least 2, one each to train and to validate on; one JSON object per "
-                        'line, {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}', 2)
-    return conversations, notes
+                        f"{'' if len(conversations) == 1 else 's'}{why}; training needs at least 2, one each to "
+                        "train and to validate on: docs/chat.md shows the layouts read", 2)
+    return conversations, notes, skipped
 
 
 def split_held_out(conversations: list):
@@ -197,6 +160,7 @@ class ChatDataset(Dataset):
     template: object = DEFAULT_TEMPLATE     # chat_format.ChatTemplate
     n_token_count: int = 0
     seconds: float = 0.0
+    skipped: Counter = field(default_factory=Counter)   # records not read, by reason (chat_layouts.Reason.kind)
     sparse_targets = True
 
     @property
@@ -218,7 +182,9 @@ class ChatDataset(Dataset):
     def describe(self) -> str:
         train, val = self.train, self.val
         cut = train.n_cut + val.n_cut
-        return (f"Conversations: {self.corpus.describe()}{train.n_conversations + val.n_conversations:,} -> "
+        skipped = sum(self.skipped.values())
+        return (f"Conversations: {self.corpus.describe()}{train.n_conversations + val.n_conversations:,}"
+                + (f" ({skipped:,} skipped: {count_text(self.skipped)})" if skipped else "") + " -> "
                 f"{train.n_conversations:,} training ({len(train.windows):,} windows) and {val.n_conversations:,} "
                 f"held out ({len(val.windows):,} windows) of {train.windows.shape[1] - 1} tokens; "
                 f"{100 * train.targets[:, 1:].mean():.0f}% of the training positions are answers"
@@ -251,7 +217,7 @@ def prepare(corpus: Corpus, tokenizer, config: dict) -> ChatDataset:
     started = time.time()
     template = (tokenizer is not None and template_of_tokenizer(tokenizer)) or \
         TEMPLATES.get(config.get("chat_template"), DEFAULT_TEMPLATE)
-    conversations, notes = read_conversations(corpus)
+    conversations, notes, skipped = read_conversations(corpus)
     training, held = split_held_out(conversations)
     runs_train, runs_val = (conversation_runs(part, template=template) for part in (training, held))  # rendered once
     made = []
@@ -273,7 +239,7 @@ def prepare(corpus: Corpus, tokenizer, config: dict) -> ChatDataset:
                        made=made, train=pack(encoded_train, window, pad_id, turn_start),
                        val=pack(encoded_val, window, pad_id, turn_start), template=template,
                        n_token_count=sum(len(ids) for ids, _ in encoded_train + encoded_val),
-                       seconds=time.time() - started)
+                       seconds=time.time() - started, skipped=skipped)
 
 
 def held_out(corpus: Corpus, tokenizer, config: dict) -> HeldOut:

@@ -66,6 +66,8 @@ DEFAULT_TEMPLATE = CHATML
 # The default template's, by name (the tests and the benchmark write them).
 CHAT_TEMPLATE, TURN_START, END_OF_TURN = CHATML.jinja, CHATML.turn_start, CHATML.end_of_turn
 SPECIAL_TOKENS = CHATML.special_tokens
+# Every template's special tokens: typed in a conversation, front ends would read them as markers.
+MARKERS = sorted({token for template in TEMPLATES.values() for token in template.special_tokens})
 
 
 def template_of_tokenizer(tokenizer) -> Optional[ChatTemplate]:

@@ -11,12 +11,14 @@ so train_llm.py does: corpus = find_documents(spec, encoding); tokenizer = bpe_t
 vocab_size) when it trains a BPE; dataset = prepare_dataset(corpus, tokenizer).
 
 One file given by name is read as it always was: one text, the last 10% of its tokens held out.
-Anything else is a set of documents: every .txt, .md and .jsonl (conversations) file under a folder (recursively, hidden
-folders such as .token_cache left out), each file or glob match as given, sorted by path within
-each. Symlinked folders are followed, each real folder once (so a link loop ends), and each file is
-read once, by its identity (device, inode), whatever paths lead to it. Only regular files are read:
-named pipes, devices, sockets and links that lead nowhere are skipped with a note, unopened (a pipe
-would block the reader forever), as are files that are binary, empty or not in the encoding.
+Anything else is a set of documents: every .txt and .md file, and every .jsonl, .json and .parquet
+(conversations, chat_layouts.py) file under a folder (recursively, hidden folders such as
+.token_cache left out), each file or glob match as given, sorted by path within each. Symlinked
+folders are followed, each real folder once (so a link loop ends), and each file is read once, by
+its identity (device, inode), whatever paths lead to it. Only regular files are read: named pipes,
+devices, sockets and links that lead nowhere are skipped with a note, unopened (a pipe would block
+the reader forever), as are empty files and text files that are binary or not in the encoding (a
+conversation file loses only its bad lines, when its conversations are read).
 Documents are joined with <|endoftext|>. With at least MIN_HELD_OUT_DOCUMENTS of them, whole
 documents, chosen by content hash, are held out for validation (about 10% of the text) and placed
 last, so the token file is still two contiguous parts and no document is split between them.
@@ -37,11 +39,13 @@ from dataclasses import dataclass, field
 from errno import ELOOP, ENOENT, ENOTDIR
 from functools import cached_property
 
+from custom_llm.chat_layouts import CONVERSATION_SUFFIXES, is_conversation_file
 from custom_llm.errors import UserError, cannot_read
 from custom_llm.textfile import END_OF_TEXT, check_text_file, codec, file_hash, inspect_text, not_a_regular_file, \
     read_chunks
 
-DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl")   # .jsonl: conversations (chat_data.py)
+DOCUMENT_SUFFIXES = (".txt", ".md") + CONVERSATION_SUFFIXES
+SUFFIXES_TEXT = ", ".join(DOCUMENT_SUFFIXES[:-1]) + " or " + DOCUMENT_SUFFIXES[-1]   # for messages
 MIN_HELD_OUT_DOCUMENTS = 10          # fewer documents: the last 10% of the tokens, as for one file
 HELD_OUT_SHARE = 0.1                 # held-out documents: about this share of the text's bytes
 GLOB_CHARACTERS = "*?["
@@ -258,6 +262,8 @@ def _inspect(path: str, status: os.stat_result, encoding: str) -> Document:
     kind = not_a_regular_file(status.st_mode)
     if kind:
         return Document(path, 0, None, kind)
+    if is_conversation_file(path):   # read record by record: a bad line is skipped, not the whole file
+        return Document(path, status.st_size, file_hash(path), None if status.st_size else "empty")
     size, content_hash, skipped = inspect_text(path, encoding)
     return Document(path, size, content_hash, skipped or None)
 
@@ -274,14 +280,14 @@ def _not_there(path: str) -> str:
 
 
 def _expand(path: str) -> list:
-    """The files one given path stands for: itself, a folder's .txt and .md files, a glob's matches."""
+    """The files one given path stands for: itself, a folder's document files, a glob's matches."""
     if _is_glob(path):
         matches = sorted(_glob(path))
         if not matches:
             raise UserError(f"{path} matches no file: give text files, folders or globs with --dataset_path", 2)
         files = [name for match in matches for name in (_folder_files(match) if os.path.isdir(match) else [match])]
         if not files:
-            raise UserError(f"{path} matches no .txt, .md or .jsonl file: check the pattern", 2)
+            raise UserError(f"{path} matches no {SUFFIXES_TEXT} file: check the pattern", 2)
         return files
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist: give text files, folders or globs with --dataset_path", 2)
@@ -289,13 +295,13 @@ def _expand(path: str) -> list:
         return [path]
     files = _folder_files(path)
     if not files:
-        raise UserError(f"the folder {path} holds no .txt, .md or .jsonl files: put your text there or give "
+        raise UserError(f"the folder {path} holds no {SUFFIXES_TEXT} files: put your text there or give "
                         "its path with --dataset_path", 2)
     return files
 
 
 def _folder_files(folder: str) -> list:
-    """The .txt, .md and .jsonl files under folder, recursively, hidden ones and hidden folders left out."""
+    """The document files (DOCUMENT_SUFFIXES) under folder, recursively, hidden ones and hidden folders left out."""
     return sorted(os.path.join(where, name) for where, names in _walk(folder)
                   for name in names if name.lower().endswith(DOCUMENT_SUFFIXES))
 

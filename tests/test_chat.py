@@ -17,9 +17,9 @@ from test_gpt2 import save_tiny_gpt2
 
 from custom_llm.chat_format import (CHAT_TEMPLATE, END_OF_TURN, TURN_START, ChatFormat, render, render_pieces,
                              with_chat_tokens)
-from custom_llm.chat_data import PackedWindows, check_conversation, pack, read_conversations, split_held_out
+from custom_llm.chat_data import ChatDataset, PackedWindows, pack, read_conversations, split_held_out
+from custom_llm.chat_layouts import conversation
 from custom_llm.corpus import find_documents
-from custom_llm.chat_data import ChatDataset
 from custom_llm.data import IGNORED
 from custom_llm.model import build_model, grow_vocabulary
 from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, load_tokenizer, train_bpe_tokenizer
@@ -219,21 +219,21 @@ def test_each_bad_line_gets_a_note_with_its_file_and_line_and_is_skipped(tmp_pat
     write_jsonl(path, good, bad)
     with open(path, "ab") as f:
         f.write(b'{"prompt": "caf\xe9", "completion": "x"}\n')   # Latin-1, not UTF-8
-    conversations, notes = read_conversations(find_documents(str(path)))
+    conversations, notes, _ = read_conversations(find_documents(str(path)))
     assert len(conversations) == 5
     reasons = ["not JSON", 'role "bot"', "no assistant turn", "content is empty", "content is not text",
-               "not a JSON object", 'no "messages"', "not utf-8 text"]
+               "not a JSON object", 'no known layout: its keys are "prompt";', "not utf-8 text"]
     assert len(notes) == len(reasons)
     for line_number, (note, reason) in enumerate(zip(notes, reasons), start=6):
         assert f"{path}:{line_number}:" in note and reason in note, note
 
 
 def test_the_shorthand_is_one_turn_and_messages_after_the_last_answer_are_dropped():
-    assert check_conversation({"prompt": "p", "completion": "c"})[0] == [
+    assert conversation({"prompt": "p", "completion": "c"}) == [
         {"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
-    messages, _ = check_conversation({"messages": [{"role": "user", "content": "p"},
-                                                   {"role": "assistant", "content": "c", "weight": 1},
-                                                   {"role": "user", "content": "dangling"}]})
+    messages = conversation({"messages": [{"role": "user", "content": "p"},
+                                          {"role": "assistant", "content": "c", "weight": 1},
+                                          {"role": "user", "content": "dangling"}]})
     assert messages == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
 
 
@@ -243,7 +243,8 @@ def test_no_usable_conversation_is_one_line_and_nothing_is_written(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [], ["nope", json.dumps({"messages": []})])
     result = run_script("train_llm.py", "--dataset_path", "bad.jsonl", *QUICK, cwd=tmp_path)
     line = one_line_error(result, 2)
-    assert "bad.jsonl holds 0 usable conversations (2 bad lines)" in line
+    assert "bad.jsonl holds 0 usable conversations, 2 skipped: 1 not JSON (first bad.jsonl:1: not JSON" in line
+    assert "1 with no messages (first bad.jsonl:2: its \"messages\" is an empty list)" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "model_config.pth"]
     assert (tmp_path / "model_config.pth").read_bytes() == config_before
 
@@ -254,7 +255,8 @@ def test_text_and_conversations_together_are_refused_in_one_line(tmp_path, chat_
     shutil.copy(chat_file, tmp_path / "docs" / "chats.jsonl")
     (tmp_path / "docs" / "notes.txt").write_text("some text\n" * 50)
     line = one_line_error(run_script("train_llm.py", "--dataset_path", "docs", *QUICK, cwd=tmp_path), 2)
-    assert "mixes 1 conversation files (.jsonl) with 1 text files" in line and "--init_from" in line
+    assert "mixes 1 conversation files (.jsonl, .json, .parquet) with 1 text files (docs/notes.txt)" in line
+    assert "--init_from" in line
 
 
 # ------------------------------------------------------------------ the pipeline

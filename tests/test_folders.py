@@ -160,8 +160,8 @@ def test_paths_that_name_no_text_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     write(tmp_path / "only_code" / "x.py", "print()\n")
     write(tmp_path / "real.txt", make_text(300))
-    cases = [(["missing/"], "missing/ does not exist"), (["empty"], "empty holds no .txt, .md or .jsonl files"),
-             (["only_code"], "only_code holds no .txt, .md or .jsonl files"),
+    cases = [(["missing/"], "missing/ does not exist"), (["empty"], "empty holds no .txt, .md, .jsonl, .json or .parquet files"),
+             (["only_code"], "only_code holds no .txt, .md, .jsonl, .json or .parquet files"),
              (["real.txt", "posts/*.md"], "posts/*.md matches no file")]
     for paths, reason in cases:
         line = one_line_error(run_script("train_llm.py", "--dataset_path", *paths, *QUICK, cwd=tmp_path), 2)
