@@ -279,20 +279,23 @@ def llama_child():
         llm.eval(tokens)
         return {"logits": np.array(llm.scores[:len(tokens)], dtype=np.float32), "n_ctx": llm.n_ctx()}
 
-    def fill(path, tokens, n_ctx, cache, mode, window):
+    def fill(path, tokens, n_ctx, cache, mode, window, keep=0, swa_full=True):
         """Token by token past the context, as the low-level API lets a front end do it when the
-        cache is full: "shift" as llama-cli and llama-server's context shift (n_keep 0: drop the
-        older half, move the rest down), "remove" drops only what the window no longer needs."""
-        llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, type_k=cache, type_v=cache, verbose=False)
+        cache is full: "shift" as the context shift of llama-cli, llama-server and Ollama (keep the
+        first `keep` positions, drop half of the rest, move the others down), "remove" drops only
+        what the window no longer needs, "none" does nothing. swa_full: windowed layers cache
+        n_ctx positions (llama-cpp-python's default) or about the window (llama.cpp's tools')."""
+        llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, type_k=cache, type_v=cache, swa_full=swa_full,
+                    verbose=False)
         ctx = llm._ctx.ctx
         memory, n_ctx, n_vocab = llama_cpp.llama_get_memory(ctx), llama_cpp.llama_n_ctx(ctx), llm.n_vocab()
         batch = llama_cpp.llama_batch_init(1, 0, 1)
         rows, events, n_past = [], [], 0
         for i, token in enumerate(tokens):
             if n_past == n_ctx and mode == "shift":
-                discard = n_past // 2
-                llama_cpp.llama_memory_seq_rm(memory, 0, 0, discard)
-                llama_cpp.llama_memory_seq_add(memory, 0, discard, n_past, -discard)
+                discard = (n_past - keep) // 2
+                llama_cpp.llama_memory_seq_rm(memory, 0, keep, keep + discard)
+                llama_cpp.llama_memory_seq_add(memory, 0, keep + discard, n_past, -discard)
                 n_past -= discard
                 events.append(i)
             elif n_past >= n_ctx and mode == "remove":
@@ -406,21 +409,24 @@ def test_a_llama_cpp_that_ignores_the_pattern_key_runs_the_same_model(tmp_path, 
     assert relative_error(b["logits"], expected) > 20 * TOLERANCE[F16_CACHE]        # not past it
 
 
-@pytest.mark.parametrize("mode", ["shift", "remove"])
-def test_llama_cpp_past_a_full_context(tmp_path, gguf_file, model, long_ids, mode):
+@pytest.mark.parametrize("mode, keep, swa_full", [("shift", 0, False), ("shift", 4, False), ("shift", 0, True),
+                                                   ("remove", 0, True), ("remove", 0, False)],
+                         ids=["shift (llama-cli, llama-server)", "shift keeping 4 (Ollama)",
+                              "shift (llama-cpp-python)", "remove (llama-cpp-python)", "remove (llama.cpp tools)"])
+def test_llama_cpp_past_a_full_context(tmp_path, gguf_file, model, long_ids, mode, keep, swa_full):
     """n_ctx 256 and 640 tokens: past n_ctx a decode fails unless the front end frees cells; a
-    context shift (llama-cli, llama-server) or removing what the window no longer needs keeps the
-    logits the trained model's, position by position."""
+    context shift or removing what the window no longer needs keeps the logits the trained
+    model's, position by position (rotary positions are relative: shifted keys are turned back)."""
     jobs = [("fill", {"path": gguf_file, "tokens": long_ids[0].tolist(), "n_ctx": 256, "cache": F32_CACHE,
-                      "mode": mode, "window": W})]
-    if mode == "shift":
+                      "mode": mode, "window": W, "keep": keep, "swa_full": swa_full})]
+    if mode == "remove":
         jobs.append(("fill", {"path": gguf_file, "tokens": long_ids[0].tolist(), "n_ctx": 256, "cache": F32_CACHE,
-                              "mode": "none", "window": W}))
+                              "mode": "none", "window": W, "swa_full": swa_full}))
     answers, _ = run_llama(tmp_path, jobs)
     answer = answers[0]
     assert int(answer["failed_at"]) == -1 and len(answer["events"]) > 0
     assert relative_error(answer["logits"], logits_of(model, long_ids)) < TOLERANCE[F32_CACHE]
-    if mode == "shift":
+    if len(answers) > 1:
         assert int(answers[1]["failed_at"]) == int(answers[1]["n_ctx"]) == 256
 
 
