@@ -57,8 +57,8 @@ def questions(tokenizer_flag=None):
         return None
 
     return [
-        Question("vocab_size", "Vocabulary: a number of tokens for a BPE learned from your text, or char for one "
-                 "token per character", DEFAULT_BPE_SIZE if tokenizer_flag == "bpe" else "char", vocabulary,
+        Question("vocab_size", "Vocabulary: a BPE size, or char for one token per character",
+                 DEFAULT_BPE_SIZE if tokenizer_flag == "bpe" else "char", vocabulary,
                  check=fits_tokenizer_flag),
         Question("n_embd", "Embedding size (n_embd)", 256),
         Question("n_head", "Number of attention heads (n_head)", 8, check=divides_n_embd),

@@ -133,7 +133,7 @@ def test_invalid_piped_answer_is_one_line_usage_error(tmp_path):
 
 def test_terminal_reasks_invalid_answers(tmp_path):
     term = Terminal("llm_model.py", cwd=tmp_path)
-    term.read_until("Vocabulary")
+    term.read_until("[char]:")
     term.send("many\n")
     term.read_until("please try again")
     term.send("2000\n")

@@ -16,6 +16,7 @@ from conftest import REPO, run_script
 import convert_to_gguf
 import custom_llm.atomic as atomic
 import custom_llm.export as export
+import custom_llm.gpt2 as gpt2
 import custom_llm.isolated as isolated
 from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
@@ -77,14 +78,14 @@ def shift_one_tensor(real):
     return tampered
 
 
-@pytest.mark.parametrize("tamper,where,reason", [
-    ("vocab_and_merges", swap_two_tokens, "tokenizes"),
-    ("hf_state_dict", shift_one_tensor, "logits differ"),
+@pytest.mark.parametrize("module,tamper,where,reason", [
+    (export, "vocab_and_merges", swap_two_tokens, "tokenizes"),
+    (gpt2, "hf_state_dict", shift_one_tensor, "logits differ"),
 ])
-def test_a_failed_check_replaces_nothing(trained, tmp_path, monkeypatch, tamper, where, reason):
+def test_a_failed_check_replaces_nothing(trained, tmp_path, monkeypatch, module, tamper, where, reason):
     folder = copy_of_pipeline(trained, tmp_path)
     before = contents(folder)
-    monkeypatch.setattr(export, tamper, where(getattr(export, tamper)))
+    monkeypatch.setattr(module, tamper, where(getattr(module, tamper)))
     with pytest.raises(UserError) as failure:
         convert_in_process(folder, monkeypatch)
     assert reason in str(failure.value) and "nothing was replaced" in str(failure.value)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, make_text, one_line_error, prepare, run_script
 
-import custom_llm.data as data
+import custom_llm.text_data as data
 from custom_llm.corpus import MIN_HELD_OUT_DOCUMENTS, find_documents, parse_dataset_answer
 from custom_llm.tokenizer import END_OF_TEXT, decode, encode
 from custom_llm.tokens_cache import bpe_tokenizer_for

@@ -252,9 +252,7 @@ def tiny_run(tmp_path_factory):
 
 def test_llm_model_questions_at_80_columns(tmp_path):
     term = Terminal80("llm_model.py", "--n_layer", 1, "--n_embd", 32, "--n_head", 2, cwd=tmp_path)
-    term.read_until("Tokenizer")
-    term.send("bpe\n")
-    term.read_until("BPE vocabulary size")
+    term.read_until("[char]:")
     term.send("300\n")
     term.read_until("Context length")
     term.send("\x04")  # Ctrl-D: defaults for the rest

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, make_text, one_line_error, prepare, run_script
 
-import custom_llm.data as data
+from custom_llm.text_data import TextDataset
 import custom_llm.textfile as textfile
 import custom_llm.training as training
 from custom_llm.atomic import atomic_path
@@ -165,10 +165,11 @@ def test_bad_bytes_are_reported_with_their_offset(tmp_path, monkeypatch):
 
 def test_batches_are_shifted_windows_from_anywhere():
     tokens = np.arange(100, dtype=np.uint16)
+    dataset = TextDataset(None, None, 10, 100, False, tokens=tokens, n_held_out=0)   # all of it to train on
     generator = np.random.default_rng(0)
     starts = set()
     for _ in range(300):
-        x, y = data.get_batch(tokens, data.random_offsets(generator, tokens, 10, 8), 10)
+        x, y = dataset.batch("train", dataset.draw("train", generator, 8))
         assert x.shape == y.shape == (8, 10) and x.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
         starts.update(x[:, 0].tolist())
