@@ -224,7 +224,7 @@ def test_conversations_holding_a_marker_are_skipped_with_a_note_and_never_held_o
     held_out = split_held_out(read_conversations(corpus)[0])[1]
     assert held_out and not any(token in json.dumps(held_out) for token in SPECIAL_TOKENS)
     tokenizer = with_chat_tokens(build_char_tokenizer("abcdefghijklmnopqrstuvwxyz -S"))
-    prompts = chat_prompts(held_out, tokenizer, 64)
+    prompts = chat_prompts(held_out, tokenizer, {"block_size": 64})
     specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     for messages, ids in prompts:   # the prompt's only special tokens are the template's: two per message, one more
         assert sum(i in specials for i in ids) == 2 * len(messages) + 1
