@@ -92,10 +92,12 @@ def _chat(path, conversations, max_tokens):
     runs on until the context is full."""
     import numpy as np
     from llama_cpp import Llama, LogitsProcessorList
+    from custom_llm.resources import llama_threads
     from custom_llm.runtime import check_gguf, no_weight_repacking
     block = check_gguf(path)
+    threads = llama_threads(path)
     with no_weight_repacking():   # llama.cpp's AMX repacking crashes on these models (runtime.py)
-        llm = Llama(model_path=path, n_ctx=block, verbose=False)
+        llm = Llama(model_path=path, n_ctx=block, verbose=False, n_threads=threads, n_threads_batch=threads)
     answers = []
     for messages, n in zip(conversations, max_tokens):
         prompt, answer = [], []

@@ -14,6 +14,7 @@ import numpy as np
 from custom_llm.chat import encode_prompt_with, render_pieces
 from custom_llm.errors import UserError, cannot_read
 from custom_llm.context import fit_prompt, slide
+from custom_llm.resources import llama_threads
 
 GGUF_MAGIC = b"GGUF"
 # The block size the model was trained on. The GGUF's own context_length is larger: its position
@@ -132,6 +133,7 @@ class GGUFModel:
         from llama_cpp import Llama
         self.path = path
         self.on_gpu = use_gpu
+        self.threads = n_threads or llama_threads(path)   # the rule and its reasons: resources.py
         mark = llama_log.mark()
         with no_weight_repacking():
             try:
@@ -139,8 +141,7 @@ class GGUFModel:
                 # not the file's whole position table: generate() slides at the block anyway.
                 self.llm = Llama(model_path=path, n_ctx=trained_context or 0, n_batch=512, logits_all=logits_all,
                                  n_gpu_layers=-1 if use_gpu else 0, verbose=False,
-                                 n_threads=n_threads or os.cpu_count(),
-                                 n_threads_batch=n_threads or os.cpu_count())
+                                 n_threads=self.threads, n_threads_batch=self.threads)
             except Exception:
                 said = [line.strip() for line in llama_log.since(mark) if line.strip()]
                 raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
