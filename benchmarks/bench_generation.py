@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,7 +274,10 @@ CHOICES = {"1": 1, "2": 2, "auto": None}   # None: the scripts' own choice
 
 def load_and_generate(path, threads, args, sink):
     """One fresh load and one generation, as `inference_gguf.py --query` runs: (tokens/s, TTFT s,
-    the threads llama.cpp ran)."""
+    the threads llama.cpp ran). After a second's pause: beside other work, a generation started
+    just after 2 spinning threads was up to a third slower (the scheduler has this process pay
+    back the CPU time it took), and then the order of the choices would decide the figures."""
+    time.sleep(1)
     gguf = GGUFModel(path, n_threads=threads)
     timing, _ = run_inference(gguf, args.prompt, args.tokens, gguf.block_size, sink)
     return timing.rate(0, len(timing.stamps) - 1), timing.ttft, gguf.threads
@@ -290,9 +294,12 @@ def time_choices(path, args, sink) -> dict:
                    "/".join(str(n) for n in sorted({r[name][2] for r in rounds})), load) for name in CHOICES}
 
 
-def others_cores() -> float:
-    """The cores' worth of CPU other programs used over the last second."""
-    return busy_fraction(1.0) * (os.cpu_count() or 1)
+def others_cores(besides=None) -> float:
+    """The cores' worth of CPU other programs used over the next second, the process `besides`
+    (a psutil.Process: the training run) left out."""
+    before = sum(besides.cpu_times()[:2]) if besides else 0.0
+    busy = busy_fraction(1.0) * (os.cpu_count() or 1)
+    return max(0.0, busy - (sum(besides.cpu_times()[:2]) - before if besides else 0.0))
 
 
 def wait_for_quiet(seconds: float) -> None:
@@ -315,13 +322,14 @@ def thread_choices(args):
         others[path, "idle"] = others_cores()
         timed[path, "idle"] = time_choices(path, args, sink)
         print(f"  idle: {path} timed (others used {others[path, 'idle']:.2f} cores before)", flush=True)
+    wait_for_quiet(args.quiet_wait)
     with TrainingRun(args.text, args.train_minutes) as training:
         for path in args.thread_choices:
-            others[path, "training"] = others_cores()
+            others[path, "training"] = others_cores(besides=psutil.Process(training.process.pid))
             timed[path, "training"] = time_choices(path, args, sink)
             training.check_running()
-            print(f"  beside training: {path} timed (others used {others[path, 'training']:.2f} cores "
-                  "before, the training run included)", flush=True)
+            print(f"  beside training: {path} timed (programs other than the training run used "
+                  f"{others[path, 'training']:.2f} cores before)", flush=True)
 
     print("\n| model | weights per token | threads | idle: tokens/s | TTFT ms | load | beside training: "
           "tokens/s | TTFT ms | load | training / idle |")
@@ -356,8 +364,9 @@ def main():
     parser.add_argument("--train_minutes", type=float, default=15,
                         help="the most the background training runs (--thread_choices); stopped when done")
     parser.add_argument("--quiet_wait", type=float, default=0, metavar="S",
-                        help="on a shared machine: wait up to S seconds before each idle timing for "
-                             "other programs to use under a quarter of a core (--thread_choices)")
+                        help="on a shared machine: wait up to S seconds before each idle timing, and "
+                             "before starting the training run, for other programs to use under a "
+                             "quarter of a core (--thread_choices)")
     args = parser.parse_args()
     if args.thread_choices:
         return thread_choices(args)
