@@ -191,7 +191,8 @@ def main():
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per generation (text, tokens, timings, settings)")
     parser.add_argument("--use_gpu", action="store_true", help="offload all layers to the GPU")
-    parser.add_number("threads", shown_default="all cores")
+    parser.add_number("threads", shown_default="chosen for the model's size and the cores other "
+                      "programs leave free: one for a small model")
     args = parser.parse_args()
     try:
         settings = settings_from_flags(args, Settings())

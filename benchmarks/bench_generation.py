@@ -14,16 +14,29 @@ Greedy generation of the same tokens from the same prompt, timed for:
 for several windows, following the context rule (the older half is dropped when full and the
 kept half re-read), and counts only the tokens after the first shift. Each figure is the
 median of --repeats runs; TTFT is the time to the first new token (prompt evaluation included).
+
+    python benchmarks/bench_generation.py --thread_choices A.gguf B.gguf   # llama.cpp's threads
+
+times inference_gguf's path instead with 1 thread, 2 threads and the count the scripts choose
+(custom_llm/resources.py choose_threads), on an idle machine and beside a training run: this
+script starts train_llm.py (the demo model's shape, on --text) in a folder of its own, waits for
+its steps to begin, and stops it when the timings are done (--train_minutes at most). Each
+figure is the median of --repeats fresh loads each generating --tokens tokens, as
+`inference_gguf.py --query` does, the three choices taking turns; the load column is the
+1-minute load average after them.
 """
 
 import argparse
+import datetime
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import psutil
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +45,15 @@ sys.path.insert(0, REPO)
 from custom_llm.context import slide  # noqa: E402
 from custom_llm.export import quantize_atomic, write_gguf_atomic  # noqa: E402
 from custom_llm.files import load_config, load_trained_model  # noqa: E402
+from custom_llm.precision import cpu_summary  # noqa: E402
+from custom_llm.resources import busy_fraction, usable_cores, weight_bytes_per_token  # noqa: E402
 from custom_llm.sampling import Sampler, Settings, stream  # noqa: E402
 from custom_llm.runtime import GGUFModel  # noqa: E402
 from custom_llm.tokenizer import encode, load_tokenizer  # noqa: E402
 
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 TYPES = ["F32", "F16", "Q8_0", "Q4_0"]
+DEMO_SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
 
 
 # ------------------------------------------------------------------------------ set up
@@ -201,6 +217,132 @@ def run_inference(gguf, prompt, n_new, block_size, sink):
     return timing, result.tokens
 
 
+# -------------------------------------------------------------------- thread choices
+
+class TrainingRun:
+    """train_llm.py in a folder of its own, the load of a user who trains one model while trying
+    another: started on entering, once its steps have begun; stopped on leaving. It runs in a
+    session of its own, as from another terminal (where Linux's autogroups share the CPUs between
+    sessions before threads)."""
+
+    def __init__(self, text: str, minutes: float):
+        self.text, self.minutes = os.path.abspath(text), minutes
+
+    def __enter__(self):
+        self.folder = tempfile.mkdtemp(prefix="bench-threads-training-")
+        py = sys.executable
+        subprocess.run([py, os.path.join(REPO, "llm_model.py"), "-y", *DEMO_SHAPE], cwd=self.folder,
+                       check=True, stdout=subprocess.DEVNULL)
+        self.log_path = os.path.join(self.folder, "train.out")
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen([py, os.path.join(REPO, "train_llm.py"), "-y", "--minutes",
+                                         str(self.minutes), "--dataset_path", self.text],
+                                        cwd=self.folder, stdin=subprocess.DEVNULL, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while "steps fit in" not in self.output():   # printed as the timed steps begin
+            if self.process.poll() is not None or time.time() > deadline:
+                self.__exit__()
+                raise SystemExit(f"the training run did not start its steps:\n{self.output()[-2000:]}")
+            time.sleep(0.5)
+        return self
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def check_running(self):
+        if self.process.poll() is not None:
+            raise SystemExit(f"the training run ended before the timings did: raise --train_minutes "
+                             f"(it was {self.minutes})")
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return False
+
+
+CHOICES = {"1": 1, "2": 2, "auto": None}   # None: the scripts' own choice
+
+
+def load_and_generate(path, threads, args, sink):
+    """One fresh load and one generation, as `inference_gguf.py --query` runs: (tokens/s, TTFT s,
+    the threads llama.cpp ran). After a second's pause: beside other work, a generation started
+    just after 2 spinning threads was up to a third slower (the scheduler has this process pay
+    back the CPU time it took), and then the order of the choices would decide the figures."""
+    time.sleep(1)
+    gguf = GGUFModel(path, n_threads=threads)
+    timing, _ = run_inference(gguf, args.prompt, args.tokens, gguf.block_size, sink)
+    return timing.rate(0, len(timing.stamps) - 1), timing.ttft, gguf.threads
+
+
+def time_choices(path, args, sink) -> dict:
+    """{choice: (tokens/s, TTFT s, threads used, load average)}: medians of --repeats rounds after
+    an untimed one, each round timing every choice in turn, so that other programs' work, which
+    comes and goes, falls on all of them alike."""
+    rounds = [{name: load_and_generate(path, threads, args, sink) for name, threads in CHOICES.items()}
+              for _ in range(args.repeats + 1)][1:]
+    load = os.getloadavg()[0]
+    return {name: (median(r[name][0] for r in rounds), median(r[name][1] for r in rounds),
+                   "/".join(str(n) for n in sorted({r[name][2] for r in rounds})), load) for name in CHOICES}
+
+
+def others_cores(besides=None) -> float:
+    """The cores' worth of CPU other programs used over the next second, the process `besides`
+    (a psutil.Process: the training run) left out."""
+    before = sum(besides.cpu_times()[:2]) if besides else 0.0
+    busy = busy_fraction(1.0) * (os.cpu_count() or 1)
+    return max(0.0, busy - (sum(besides.cpu_times()[:2]) - before if besides else 0.0))
+
+
+def wait_for_quiet(seconds: float) -> None:
+    """Wait, up to `seconds`, until other programs use less than a quarter of a core."""
+    deadline = time.time() + seconds
+    while others_cores() >= 0.25 and time.time() < deadline:
+        pass
+
+
+def thread_choices(args):
+    sink = open(os.devnull, "w")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    print(f"CPU: {cpu_summary()}; {usable_cores()} cores for llama.cpp\ndate: {datetime.date.today()}; "
+          f"commit {commit}; {args.tokens} new tokens from {args.prompt!r}, median of {args.repeats} "
+          "fresh loads", flush=True)
+    timed, others = {}, {}
+    for path in args.thread_choices:
+        wait_for_quiet(args.quiet_wait)
+        others[path, "idle"] = others_cores()
+        timed[path, "idle"] = time_choices(path, args, sink)
+        print(f"  idle: {path} timed (others used {others[path, 'idle']:.2f} cores before)", flush=True)
+    wait_for_quiet(args.quiet_wait)
+    with TrainingRun(args.text, args.train_minutes) as training:
+        for path in args.thread_choices:
+            others[path, "training"] = others_cores(besides=psutil.Process(training.process.pid))
+            timed[path, "training"] = time_choices(path, args, sink)
+            training.check_running()
+            print(f"  beside training: {path} timed (programs other than the training run used "
+                  f"{others[path, 'training']:.2f} cores before)", flush=True)
+
+    print("\n| model | weights per token | threads | idle: tokens/s | TTFT ms | load | beside training: "
+          "tokens/s | TTFT ms | load | training / idle |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for path in args.thread_choices:
+        size = f"{weight_bytes_per_token(path) / 1e6:.1f} MB"
+        for name in CHOICES:
+            idle, busy = timed[path, "idle"][name], timed[path, "training"][name]
+            label = name if name != "auto" else f"auto ({idle[2]} idle, {busy[2]} beside training)"
+            print(f"| {path} | {size} | {label} | {idle[0]:.0f} | {1000 * idle[1]:.1f} | {idle[3]:.2f} | "
+                  f"{busy[0]:.0f} | {1000 * busy[1]:.1f} | {busy[3]:.2f} | {busy[0] / idle[0]:.0%} |")
+
+
 # ------------------------------------------------------------------------------- main
 
 def median(values):
@@ -216,7 +358,18 @@ def main():
     parser.add_argument("--windows", type=int, default=4, help="length of the past-context run, in windows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--thread_choices", nargs="+", metavar="GGUF",
+                        help="time llama.cpp's thread choices on these GGUFs, idle and beside a training run")
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens per generation (--thread_choices)")
+    parser.add_argument("--train_minutes", type=float, default=15,
+                        help="the most the background training runs (--thread_choices); stopped when done")
+    parser.add_argument("--quiet_wait", type=float, default=0, metavar="S",
+                        help="on a shared machine: wait up to S seconds before each idle timing, and "
+                             "before starting the training run, for other programs to use under a "
+                             "quarter of a core (--thread_choices)")
     args = parser.parse_args()
+    if args.thread_choices:
+        return thread_choices(args)
 
     folder = prepare(args)
     torch.set_num_threads(args.threads)

@@ -1,4 +1,5 @@
-"""What a generation cost the machine: CPU use, memory, GPU memory where used."""
+"""What a generation cost the machine (CPU use, memory, GPU memory where used), and how many
+threads llama.cpp should run on it."""
 
 import os
 import shutil
@@ -12,7 +13,10 @@ import psutil
 
 class ResourceUse:
     """Measures the block it wraps. CPU % is the process's CPU time over the block's wall time
-    (100% = one core busy the whole time). Memory is sampled by a background thread every
+    (100% = one core busy the whole time), read from a clock precise to the microsecond: the
+    per-process tick counts (10 ms on Linux) would turn one tick within a 1 ms generation into
+    1000%. Where the clock is coarse anyway (Windows: 15.6 ms), the share is capped at 100% per
+    core. Memory is sampled by a background thread every
     `interval` seconds while the block runs (and at its start and end), so the peak is the
     peak of this generation, not of model loading earlier."""
 
@@ -35,7 +39,7 @@ class ResourceUse:
         self._done.set()
         self._thread.join()
         self._note_rss()
-        self.cpu_percent = 100 * cpu / max(self.elapsed, 1e-9)
+        self.cpu_percent = min(100 * cpu / max(self.elapsed, 1e-9), 100 * (os.cpu_count() or 1))
         self.gpu_memory = gpu_memory_of(os.getpid()) if self.gpu else None
         return False
 
@@ -47,9 +51,9 @@ class ResourceUse:
         self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
         self.samples += 1
 
-    def _cpu_seconds(self):
-        times = self.process.cpu_times()
-        return times.user + times.system
+    @staticmethod
+    def _cpu_seconds():
+        return time.process_time()   # every thread of this process, llama.cpp's included
 
 
 def peak_rss_bytes() -> int:
@@ -85,3 +89,101 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+# ------------------------------------------------------------------ llama.cpp's threads
+
+# Measured on 2 cores (AMD EPYC, Zen 5), one core decodes about 13 MB of Q4_0 weights (25 MB of
+# F16) per millisecond; a model whose token reads less than this from each thread is done in
+# about a millisecond or less on one thread.
+BYTES_PER_THREAD = 16 * 2**20
+# A core counts as free while other programs use less than this share of it.
+BUSY_TOLERANCE = 0.1
+# How long the CPUs are watched before a model large enough for several threads is loaded.
+BUSY_WINDOW_S = 0.25
+
+
+def choose_threads(weight_bytes: int, cores: int, busy_cores: float) -> int:
+    """llama.cpp's thread count for a model whose token reads weight_bytes of weights, on `cores`
+    cores of which other programs keep busy_cores busy (0.0: idle; 2.0: a training run on two).
+
+        threads = max(1, min(weight_bytes // BYTES_PER_THREAD, free cores))
+        free cores = int(cores - busy_cores + BUSY_TOLERANCE)
+
+    Why. llama.cpp splits every operation of a token between its threads, which then meet at a
+    barrier (hundreds per token), spinning while they wait. When another program wants the
+    cores, the OS takes one thread off its core for a time slice (milliseconds), and every
+    other thread waits at the next barrier until it is back. On 2 cores beside other work
+    (a training run, or a tenth of a core of something else), 2 threads generated 4-50 tokens/s
+    where 1 thread kept 120-250 (a 99M-parameter Q4_0 model): a collapse, where the most a
+    second thread gains on an idle machine is about 40%. So no more threads than free cores, and
+    a core is free only when others leave it nearly idle; with none free, one thread, which the
+    OS shares out fairly instead of stalling.
+    A small model gets one thread whatever the load: below BYTES_PER_THREAD of weights per token
+    a token takes about a millisecond or less on one core, a second thread saves at most tens
+    of microseconds of it (measured: 0.16 ms against 0.13-0.14 ms for the 0.9M-parameter demo
+    model; on some machines one thread is the faster), and the stall above costs milliseconds.
+    The same bound keeps each thread at BYTES_PER_THREAD of work per token on many-core
+    machines, where more threads would wait at barriers longer than they work between them."""
+    by_size = weight_bytes // BYTES_PER_THREAD
+    free = int(cores - busy_cores + BUSY_TOLERANCE)
+    return max(1, min(by_size, free))
+
+
+def llama_threads(path: str) -> int:
+    """choose_threads for the GGUF at path on this machine now. The CPUs are watched for
+    BUSY_WINDOW_S only when the model is large enough for more than one thread."""
+    size, cores = weight_bytes_per_token(path), usable_cores()
+    if choose_threads(size, cores, 0.0) == 1:
+        return 1
+    return choose_threads(size, cores, cores * busy_fraction(BUSY_WINDOW_S))
+
+
+def weight_bytes_per_token(path: str) -> int:
+    """The bytes of weights one token's decode reads: every tensor of the GGUF but the position
+    table (a token reads one row of it), and the token embedding where the model has its own
+    output matrix (one row again; a tied embedding is the output matrix, read whole)."""
+    import gguf
+    tensors = gguf.GGUFReader(path).tensors
+    names = {tensor.name for tensor in tensors}
+    rows_only = {"position_embd.weight"} | ({"token_embd.weight"} if "output.weight" in names else set())
+    return sum(int(tensor.n_bytes) for tensor in tensors if tensor.name not in rows_only)
+
+
+def allowed_cpus() -> list:
+    """The CPUs this process may run on (its affinity, e.g. a container's cpuset)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:   # macOS, Windows
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """The cores llama.cpp's threads can have: the CPUs this process may use, at most one per
+    physical core (two threads on the halves of one core share its arithmetic units)."""
+    allowed = len(allowed_cpus())
+    physical = psutil.cpu_count(logical=False) or allowed
+    return max(1, min(allowed, physical))
+
+
+def busy_fraction(seconds: float) -> float:
+    """The share of the time that this process's CPUs were busy over the next `seconds`, while
+    this process sleeps (so: other programs' share). 0.0 idle, 1.0 every CPU busy."""
+    before = psutil.cpu_times(percpu=True)
+    time.sleep(seconds)
+    after = psutil.cpu_times(percpu=True)
+    total = idle = 0.0
+    for cpu in allowed_cpus():
+        if cpu < min(len(before), len(after)):
+            total += _all_time(after[cpu]) - _all_time(before[cpu])
+            idle += _idle_time(after[cpu]) - _idle_time(before[cpu])
+    return min(1.0, max(0.0, 1 - idle / total)) if total > 0 else 0.0
+
+
+def _all_time(times) -> float:
+    # Linux counts a guest's time in user time too.
+    return sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def _idle_time(times) -> float:
+    return times.idle + getattr(times, "iowait", 0.0)

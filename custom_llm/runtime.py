@@ -15,6 +15,7 @@ from custom_llm import gguf_keys
 from custom_llm.chat_format import encode_prompt_with, render_pieces, template_of_gguf
 from custom_llm.context import fit_prompt, slide
 from custom_llm.errors import UserError, cannot_read
+from custom_llm.resources import llama_threads
 
 GGUF_MAGIC = b"GGUF"
 _load_lock = threading.Lock()
@@ -121,18 +122,21 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def open_llama(path: str, n_ctx=None, **params):
+def open_llama(path: str, n_ctx=None, n_threads=None, **params):
     """(llama_cpp.Llama for the GGUF at path, the block size it was trained on): the one way this
     project loads a GGUF into llama.cpp. The file is checked first, llama.cpp's AMX repacking is
     kept off, its log is kept quiet and a failure is one line. n_ctx: the context (default the
-    trained block; llama.cpp rounds it up to a multiple of 256); params: Llama's others."""
+    trained block; llama.cpp rounds it up to a multiple of 256); n_threads: for decoding and
+    prompts alike (default resources.llama_threads: chosen for the model and the free cores);
+    params: Llama's others."""
     trained_context = check_gguf(path)
+    threads = n_threads or llama_threads(path)
     from llama_cpp import Llama
     mark = llama_log.mark()
     with no_weight_repacking():
         try:
             llm = Llama(model_path=path, n_ctx=(trained_context or 0) if n_ctx is None else n_ctx, verbose=False,
-                        **params)
+                        n_threads=threads, n_threads_batch=threads, **params)
         except Exception:
             said = [line.strip() for line in llama_log.since(mark) if line.strip()]
             raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
@@ -148,10 +152,9 @@ class GGUFModel:
         self.on_gpu = use_gpu
         # A context of the trained block, not the file's whole position table: generate()
         # slides at the block anyway.
-        self.llm, trained_context = open_llama(path, n_batch=512, logits_all=logits_all,
-                                               n_gpu_layers=-1 if use_gpu else 0,
-                                               n_threads=n_threads or os.cpu_count(),
-                                               n_threads_batch=n_threads or os.cpu_count())
+        self.llm, trained_context = open_llama(path, n_threads=n_threads, n_batch=512, logits_all=logits_all,
+                                               n_gpu_layers=-1 if use_gpu else 0)
+        self.threads = self.llm.n_threads   # the rule and its reasons: resources.py
         self.block_size = trained_context or self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
             raise UserError(f"{path}: llama.cpp gave a context of {self.llm.n_ctx()} < {self.block_size}")
