@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from custom_llm import isolated, runtime
 from custom_llm.export import write_gguf_atomic
-from custom_llm.model import GPTLanguageModel
+from custom_llm.model import build_model
 from custom_llm.resources import (BYTES_PER_THREAD, ResourceUse, choose_threads, llama_threads,
                                   weight_bytes_per_token)
 from custom_llm.runtime import GGUFModel
@@ -58,7 +58,7 @@ def test_threads_stay_within_the_cores_and_fall_as_the_load_rises(weight_bytes, 
 def tiny_gguf(tmp_path_factory):
     tokenizer = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz .,\n")
     torch.manual_seed(0)
-    model = GPTLanguageModel({"n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 32, "dropout": 0.0,
+    model = build_model({"n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 32, "dropout": 0.0,
                               "vocab_size": tokenizer.get_vocab_size()}).eval()
     path = tmp_path_factory.mktemp("threads") / "tiny.gguf"
     write_gguf_atomic(model, tokenizer, str(path), "F32")
