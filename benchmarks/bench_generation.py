@@ -221,9 +221,8 @@ def run_inference(gguf, prompt, n_new, block_size, sink):
 
 class TrainingRun:
     """train_llm.py in a folder of its own, the load of a user who trains one model while trying
-    another: started on entering, once its steps have begun; stopped on leaving. It runs in a
-    session of its own, as from another terminal (where Linux's autogroups share the CPUs between
-    sessions before threads)."""
+    another: started on entering, once its steps have begun; stopped on leaving. It runs as from
+    another terminal (setsid: Linux's autogroups share the CPUs between terminals before threads)."""
 
     def __init__(self, text: str, minutes: float):
         self.text, self.minutes = os.path.abspath(text), minutes
