@@ -221,9 +221,8 @@ def run_inference(gguf, prompt, n_new, block_size, sink):
 
 class TrainingRun:
     """train_llm.py in a folder of its own, the load of a user who trains one model while trying
-    another: started on entering, once its steps have begun; stopped on leaving. It runs in a
-    session of its own, as from another terminal (where Linux's autogroups share the CPUs between
-    sessions before threads)."""
+    another: started on entering, once its steps have begun; stopped on leaving. It runs as from
+    another terminal (setsid: Linux's autogroups share the CPUs between terminals before threads)."""
 
     def __init__(self, text: str, minutes: float):
         self.text, self.minutes = os.path.abspath(text), minutes
@@ -316,20 +315,20 @@ def thread_choices(args):
     print(f"CPU: {cpu_summary()}; {usable_cores()} cores for llama.cpp\ndate: {datetime.date.today()}; "
           f"commit {commit}; {args.tokens} new tokens from {args.prompt!r}, median of {args.repeats} "
           "fresh loads", flush=True)
-    timed, others = {}, {}
+    timed = {}
     for path in args.thread_choices:
         wait_for_quiet(args.quiet_wait)
-        others[path, "idle"] = others_cores()
+        others = others_cores()
         timed[path, "idle"] = time_choices(path, args, sink)
-        print(f"  idle: {path} timed (others used {others[path, 'idle']:.2f} cores before)", flush=True)
+        print(f"  idle: {path} timed (others used {others:.2f} cores before)", flush=True)
     wait_for_quiet(args.quiet_wait)
     with TrainingRun(args.text, args.train_minutes) as training:
         for path in args.thread_choices:
-            others[path, "training"] = others_cores(besides=psutil.Process(training.process.pid))
+            others = others_cores(besides=psutil.Process(training.process.pid))
             timed[path, "training"] = time_choices(path, args, sink)
             training.check_running()
             print(f"  beside training: {path} timed (programs other than the training run used "
-                  f"{others[path, 'training']:.2f} cores before)", flush=True)
+                  f"{others:.2f} cores before)", flush=True)
 
     print("\n| model | weights per token | threads | idle: tokens/s | TTFT ms | load | beside training: "
           "tokens/s | TTFT ms | load | training / idle |")

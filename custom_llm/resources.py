@@ -94,10 +94,10 @@ def human_bytes(n: float) -> str:
 # ------------------------------------------------------------------ llama.cpp's threads
 
 # Measured on 2 cores (AMD EPYC, Zen 5), one core decodes about 13 MB of Q4_0 weights (25 MB of
-# F16) per millisecond; a model whose token reads less than this from each thread is done in
-# about a millisecond or less on one thread.
+# F16) per millisecond: 16 MiB is about a millisecond of one thread's work per token.
 BYTES_PER_THREAD = 16 * 2**20
-# A core counts as free while other programs use less than this share of it.
+# Other programs' use, in cores, let pass before free cores are rounded down: a blip of a shell
+# leaves a core free, a third of a core taken does not.
 BUSY_TOLERANCE = 0.1
 # How long the CPUs are watched before a model large enough for several threads is loaded.
 BUSY_WINDOW_S = 0.25
@@ -113,18 +113,19 @@ def choose_threads(weight_bytes: int, cores: int, busy_cores: float) -> int:
     Why. llama.cpp splits every operation of a token between its threads, which then meet at a
     barrier (hundreds per token), spinning while they wait. When another program wants the
     cores, the OS takes one thread off its core for a time slice (milliseconds), and every
-    other thread waits at the next barrier until it is back. On 2 cores beside other work
-    (a training run, or a tenth of a core of something else), 2 threads generated 4-50 tokens/s
-    where 1 thread kept 120-250 (a 99M-parameter Q4_0 model): a collapse, where the most a
-    second thread gains on an idle machine is about 40%. So no more threads than free cores, and
-    a core is free only when others leave it nearly idle; with none free, one thread, which the
-    OS shares out fairly instead of stalling.
+    other thread waits at the next barrier until it is back. On 2 cores beside a training run,
+    2 threads generated 14-1,540 tokens/s with the 0.9M-parameter demo model and 16-58 with a
+    100M-parameter one (Q4_0), where 1 thread kept 2,900-5,900 and 114-155, and the first token
+    took up to 2.3 s: a collapse, where a second thread gains 15-45% on an idle machine. So no
+    more threads than free cores, and a core is free only when others leave it nearly idle; with
+    none free, one thread, which the OS shares out fairly instead of stalling.
     A small model gets one thread whatever the load: below BYTES_PER_THREAD of weights per token
-    a token takes about a millisecond or less on one core, a second thread saves at most tens
-    of microseconds of it (measured: 0.16 ms against 0.13-0.14 ms for the 0.9M-parameter demo
-    model; on some machines one thread is the faster), and the stall above costs milliseconds.
-    The same bound keeps each thread at BYTES_PER_THREAD of work per token on many-core
-    machines, where more threads would wait at barriers longer than they work between them."""
+    a token takes about a millisecond or less on one core, a second thread saves tens of
+    microseconds of it (the demo model: 0.17 ms against 0.14 ms; on some machines one thread is
+    the faster), and the stall above costs milliseconds. The same bound keeps each thread at
+    BYTES_PER_THREAD of work per token on machines with many cores, where more threads would
+    wait at barriers longer than they work between them (reasoned, not measured: the machines
+    measured had 2 cores)."""
     by_size = weight_bytes // BYTES_PER_THREAD
     free = int(cores - busy_cores + BUSY_TOLERANCE)
     return max(1, min(by_size, free))
