@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generation.py --workdir DIR   # a folder where the pipeline ran
     python benchmarks/bench_generation.py                 # trains a default-size model briefly first
+    python benchmarks/bench_generation.py --architecture windowed   # the same, a windowed model
 
 Greedy generation of the same tokens from the same prompt, timed for:
   transformers generate()   the exported hf_model/, KV cache on (what a user would otherwise run)
@@ -14,6 +15,11 @@ Greedy generation of the same tokens from the same prompt, timed for:
 for several windows, following the context rule (the older half is dropped when full and the
 kept half re-read), and counts only the tokens after the first shift. Each figure is the
 median of --repeats runs; TTFT is the time to the first new token (prompt evaluation included).
+
+With --architecture windowed the model trained is a windowed one (docs/windowed.md): nothing
+slides, every new token is one decode however far past the block, so "past context" is simply
+the tokens after the first block_size positions. The bare loops (which slide as GPT-2 does) are
+left out; PyTorch and inference_gguf are timed as above.
 """
 
 import argparse
@@ -52,7 +58,8 @@ def prepare(args) -> str:
         subprocess.run([py, *map(str, cmd)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
 
     if not os.path.exists(os.path.join(folder, "trained_model.pth")):
-        stage(os.path.join(REPO, "llm_model.py"), "-y", "--dropout", "0")  # the default size
+        stage(os.path.join(REPO, "llm_model.py"), "-y", "--dropout", "0",   # the default size
+              "--architecture", args.architecture)
         stage(os.path.join(REPO, "train_llm.py"), "-y", "--dataset_path", os.path.abspath(args.text),
               "--max_steps", args.train_steps, "--learning_rate", "0.001")
     if not os.path.isdir(os.path.join(folder, "hf_model")):
@@ -216,6 +223,8 @@ def main():
     parser.add_argument("--windows", type=int, default=4, help="length of the past-context run, in windows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--architecture", choices=["gpt2", "windowed"], default="gpt2",
+                        help="the model trained when training here (default: %(default)s)")
     args = parser.parse_args()
 
     folder = prepare(args)
@@ -249,21 +258,33 @@ def main():
     rows.append(("PyTorch generate() (KV cache)", median(r[1] for r in runs), median(r[0] for r in runs),
                  median(r[2] for r in runs)))
 
+    rows += gguf_rows(folder, args, prompt_ids, n_long, block_size, texts, n_in, sink)
+    print_table(rows, texts, windowed=config.get("architecture") == "windowed")
+
+
+def gguf_rows(folder, args, prompt_ids, n_long, block_size, texts, n_in, sink):
+    """The GGUF paths of every type: inference_gguf, and (GPT-2) the bare loops."""
+    rows = []
     for kind in TYPES:
         gguf = GGUFModel(os.path.join(folder, f"bench.{kind}.gguf"), n_threads=args.threads)
         inference = [run_inference(gguf, args.prompt, n_long, block_size, sink)
                      for _ in range(args.repeats + 1)][1:]
         tokens = inference[0][1]
-        bare = [run_bare_loop(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
-        lower = [run_bare_decode(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
+        paths = [(f"inference_gguf {kind}", [t for t, _ in inference])]
+        if not gguf.windowed:   # the bare loops slide as GPT-2 does
+            paths = [(f"bare llama.cpp loop {kind}", [run_bare_loop(gguf, prompt_ids, tokens, block_size)
+                                                      for _ in range(args.repeats + 1)][1:]),
+                     (f"bare llama_decode loop {kind}", [run_bare_decode(gguf, prompt_ids, tokens, block_size)
+                                                         for _ in range(args.repeats + 1)][1:])] + paths
         if kind == "F32":
             texts["F32"] = tokens[:n_in]
-        for name, timings in ((f"bare llama.cpp loop {kind}", bare),
-                              (f"bare llama_decode loop {kind}", lower),
-                              (f"inference_gguf {kind}", [t for t, _ in inference])):
+        for name, timings in paths:
             rows.append((name, median(t.in_context() for t in timings), median(t.ttft for t in timings),
                          median(t.past_context() for t in timings)))
+    return rows
 
+
+def print_table(rows, texts, windowed: bool):
     print("\n| path | tokens/s in context | TTFT ms | tokens/s past context | past / in |")
     print("|---|---:|---:|---:|---:|")
     for name, rate, ttft, past in rows:
@@ -274,7 +295,7 @@ def main():
     print()
     print(f"inference_gguf Q4_0 / transformers generate(): "
           f"{by_name['inference_gguf Q4_0'] / by_name['transformers generate()']:.2f}x (goal >= 4x)")
-    for kind in TYPES:
+    for kind in TYPES if not windowed else []:
         print(f"inference_gguf {kind} / bare loop {kind}: "
               f"{by_name[f'inference_gguf {kind}'] / by_name[f'bare llama.cpp loop {kind}']:.0%} (goal >= 90%)")
     same = texts["transformers"] == texts["pytorch"] == texts["F32"]
