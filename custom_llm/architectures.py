@@ -29,8 +29,10 @@ def architecture_of(config: dict):
 
 
 def train_windows(config: dict) -> int:
-    """Windows of block_size in one training row: the config's, else the architecture's default."""
-    return config.get("train_windows") or architecture_of(config).TRAIN_WINDOWS
+    """Windows of block_size in one training row: the config's, else the architecture's default;
+    always 1 for an architecture that reads no further than its block (GPT-2's learned positions)."""
+    default = architecture_of(config).TRAIN_WINDOWS
+    return 1 if default == 1 else config.get("train_windows") or default
 
 
 def sequence_length(config: dict) -> int:

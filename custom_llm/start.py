@@ -137,6 +137,7 @@ def config_and_tokenizer(start: Start, files: RunFiles):
         config = load_config(files.config) if os.path.exists(files.config) else {}
         gpt2_config, tokenizer = read_gpt2_folder(start.source)
         config.update(gpt2_config, architecture=gpt2.NAME, dropout=FINE_TUNING_DROPOUT, tokenizer="bpe")
+        config.pop("train_windows", None)          # GPT-2 trains on rows of one block
         config.pop("vocab_size_requested", None)   # the size asked of a BPE trained here: none is
         return config, tokenizer
     config = load_config(files.config)

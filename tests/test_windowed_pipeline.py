@@ -4,15 +4,12 @@ with llama.cpp's own window (docs/windowed.md)."""
 
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, assert_same_greedy_text, one_line_error, run_script
+from conftest import (TINY, assert_resume_ends_as_uninterrupted, assert_same_greedy_text, one_line_error,
+                      run_pipeline, run_script)
 from test_chat import CHAT_TINY, chat_file, make_conversations, write_jsonl  # noqa: F401  (chat_file: a fixture)
 
 from custom_llm import data, gguf_keys
@@ -32,13 +29,7 @@ PROMPT = "The miller mends"
 def windowed_trained(tmp_path_factory, text_file):
     """A folder where the whole pipeline ran once with a windowed model."""
     folder = tmp_path_factory.mktemp("windowed_pipeline")
-    results = {"config": run_script("llm_model.py", *WINDOWED, "-y", cwd=folder),
-               "train": run_script("train_llm.py", "--dataset_path", text_file, "--max_steps", 150, *QUICK,
-                                   cwd=folder),
-               "convert": run_script("convert_to_gguf.py", cwd=folder)}
-    for name, result in results.items():
-        assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
-    return folder, results
+    return folder, run_pipeline(folder, [*WINDOWED, "-y"], ["--dataset_path", text_file, "--max_steps", 150, *QUICK])
 
 
 def load(folder):
@@ -122,27 +113,8 @@ def test_training_says_its_rows_and_counts_their_tokens(windowed_trained):
 def test_a_stopped_windowed_run_resumes_to_the_uninterrupted_result(tmp_path, text_file):
     plan = ["--dataset_path", text_file, "--max_steps", 50, "--eval_interval", 10, "--seed", 5,
             "--dtype", "float32", "--optimizer", "adamw", *QUICK]
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    for folder in (reference, interrupted):
-        folder.mkdir()
-        assert run_script("llm_model.py", *WINDOWED, "-y", cwd=folder).returncode == 0
-    assert run_script("train_llm.py", *plan, cwd=reference).returncode == 0
-    process = subprocess.Popen([sys.executable, str(REPO / "train_llm.py"), *map(str, plan)], cwd=interrupted,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = interrupted / "training_log.jsonl", time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    step = torch.load(interrupted / "checkpoint.pth", weights_only=True)["step"]
-    assert 0 < step < 50
-    resumed = run_script("train_llm.py", "--resume", cwd=interrupted)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {step}" in resumed.stdout
-    final = torch.load(interrupted / "trained_model.pth", weights_only=True)
-    expected = torch.load(reference / "trained_model.pth", weights_only=True)
-    assert all(torch.allclose(final[k], expected[k], atol=1e-5) for k in final)
+    interrupted, step, resumed = assert_resume_ends_as_uninterrupted(tmp_path, WINDOWED, plan)
+    assert 0 < step < 50 and f"at step {step}" in resumed.stdout
     # A config asking for other rows is refused: the checkpoint's steps were of another length.
     config = torch.load(interrupted / "model_config.pth", weights_only=True)
     torch.save({**config, "train_windows": 2}, interrupted / "model_config.pth")
