@@ -339,11 +339,13 @@ class GGUFModel:
         decode per new token; positions keep counting up, and llama.cpp's window (every layer
         sees the last block_size positions) does what the PyTorch model does. Positions the
         window no longer needs are removed from the cache before it fills (exact: no token
-        attends to them again), so any length runs in the context opened."""
+        attends to them again), so any length runs in the context opened (a smaller context reads
+        the prompt in smaller batches: a window and a batch must fit)."""
         self._c.llama_memory_clear(self._memory, True)
         self._kept_from = 0            # the first position still in the cache
-        for start in range(0, len(prompt), N_BATCH):
-            logits = self._decode_windowed(prompt[start:start + N_BATCH], start)
+        step = max(1, min(N_BATCH, self.context - self.block_size + 1))
+        for start in range(0, len(prompt), step):
+            logits = self._decode_windowed(prompt[start:start + step], start)
         position = len(prompt)
         for produced in range(max_new_tokens):
             token = int(pick_next(logits))

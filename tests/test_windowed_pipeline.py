@@ -184,19 +184,21 @@ def test_a_long_prompt_is_read_whole_and_nothing_is_said_of_sliding(windowed_tra
     assert result.stdout == tokenizer.decode(expected, skip_special_tokens=False) + "\n"
 
 
-def test_generation_never_aborts_past_the_context_and_stays_pytorchs(windowed_trained, f32_gguf):
-    """A context of 256 cells, 1,000 tokens: llama.cpp would fail its decode ("failed to find a
-    memory slot") at 256 unless the positions out of the window are removed first."""
+@pytest.mark.parametrize("prompt", [PROMPT, "The old clock watches every window. " * 17], ids=["short", "long"])
+def test_generation_never_aborts_past_the_context_and_stays_pytorchs(windowed_trained, f32_gguf, prompt):
+    """A context of 256 cells, a prompt of up to 612 tokens and 800 new ones: llama.cpp would fail
+    its decode ("failed to find a memory slot") at 256 unless the positions out of the window are
+    removed first, and the long prompt is read in batches that fit."""
     folder, _ = windowed_trained
     config, model, tokenizer = load(folder)
     gguf = GGUFModel(str(f32_gguf), n_ctx=256)
     assert gguf.windowed and gguf.llm.n_ctx() == 256 and gguf.context == 256
-    prompt = encode(tokenizer, PROMPT)
+    ids = encode(tokenizer, prompt)
     got = []
-    for token in gguf.generate(prompt, 1000, lambda logits: int(np.argmax(logits))):
+    for token in gguf.generate(ids, 800, lambda logits: int(np.argmax(logits))):
         got.append(token)
-    assert len(got) == 1000 or got[-1] in gguf.stop_tokens
-    expected = model.generate(torch.tensor([prompt]), len(got), temperature=0)[0, len(prompt):].tolist()
+    assert len(got) == 800 or got[-1] in gguf.stop_tokens
+    expected = model.generate(torch.tensor([ids]), len(got), temperature=0)[0, len(ids):].tolist()
     assert got == expected
 
 
