@@ -152,6 +152,14 @@ def test_a_windowed_chat_model_passes_the_chat_check(tmp_path, chat_file):
         line = next(line for line in said.splitlines() if line.startswith(f"Chat check {name}:"))
         assert "3/3 held-out conversations formatted id for id as in PyTorch" in line, line
         assert "greedy answers 3/3 equal" in line or "near tie" in line, line
+    # The conversation is kept past the block of 64 (a GPT-2 model drops its oldest turns there).
+    turns = "Spell kadu\nReverse bimo\nSpell toka\nReverse lemu\n"
+    chat = run_script("inference_gguf.py", "--gguf_path", "model.gguf", "--chat", "--temperature", "0",
+                      "--max_tokens", "12", "--json", cwd=tmp_path, input=turns)
+    assert chat.returncode == 0, chat.stderr
+    answers = [json.loads(line) for line in chat.stdout.splitlines()]
+    assert len(answers) == 4 and "no longer fit" not in chat.stderr
+    assert len(answers[-1]["messages"]) == 8 and answers[-1]["n_prompt_tokens"] > 64
 
 
 # ------------------------------------------------------------------------------ stage 4
