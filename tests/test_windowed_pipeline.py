@@ -17,6 +17,8 @@ from custom_llm.architectures import sequence_length
 from custom_llm.corpus import find_documents
 from custom_llm.export import write_gguf_atomic
 from custom_llm.files import load_config, load_trained_model
+from custom_llm.memory import WORKSPACE_BYTES, training_memory_bytes
+from custom_llm.model import count_parameters
 from custom_llm.runtime import GGUFModel, check_gguf
 from custom_llm.tokenizer import encode, load_tokenizer
 
@@ -86,6 +88,16 @@ def test_training_rows_are_several_windows_long(text_file):
             inputs, targets = dataset.batch(split, dataset.draw(split, generator, 5))
             assert inputs.shape == targets.shape == (5, length)
             assert torch.equal(inputs[:, 1:], targets[:, :-1])   # one text, shifted by one
+
+
+def test_the_memory_estimate_counts_the_rows_tokens():
+    shape = {"vocab_size": 100, "n_embd": 64, "n_head": 4, "n_layer": 2, "block_size": 32, "dropout": 0.0}
+
+    def activations(config):
+        return training_memory_bytes(config, 3, base_bytes=0) - WORKSPACE_BYTES - 16 * count_parameters(config)
+    windowed = {**shape, "architecture": "windowed"}
+    assert activations(windowed) == 4 * activations(shape) > 0
+    assert activations({**windowed, "train_windows": 8}) == 8 * activations(shape)
 
 
 def test_conversations_pack_into_rows_of_several_windows(tmp_path):
