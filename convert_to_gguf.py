@@ -7,8 +7,9 @@
 
 No llama.cpp checkout is needed: the GGUF is written with the `gguf` package and quantized by
 llama.cpp's own quantizer inside llama-cpp-python. Every file is written under a temporary name and
-checked against the PyTorch model (same tokens, same logits within float tolerance); only when every
-check passes do they all move into place, so a failed check or a full disk replaces nothing. With
+checked against the PyTorch model (same tokens, same logits within float tolerance; a windowed
+model's logits in passes of 8 blocks, and its greedy text from the unquantized GGUF past the block
+twice); only when every check passes do they all move into place, so a failed check or a full disk replaces nothing. With
 several types (or --report) a table follows: size, bits per weight, perplexity through llama.cpp on held-out text,
 its ratio to the PyTorch model's perplexity on the same windows, and top-1 next-token agreement.
 """
@@ -17,9 +18,11 @@ import os
 import time
 
 from custom_llm import isolated
+from custom_llm.architectures import check_length
 from custom_llm.atomic import remove_stale_temporaries, staging
 from custom_llm.chat_format import template_of_config
-from custom_llm.checks import HARD_STRINGS, chat_prompts, check_chat, check_export, held_out_tokens, held_out_windows
+from custom_llm.checks import (HARD_STRINGS, chat_prompts, check_chat, check_export, check_greedy, check_windows,
+                               greedy_prompt, held_out_tokens)
 from custom_llm.cli import ArgumentParser, run
 from custom_llm.corpus import spec_text
 from custom_llm.errors import UserError
@@ -30,7 +33,7 @@ from custom_llm.files import check_tokenizer_fits, load_config, load_trained_mod
 from custom_llm.isolated import LlamaCrash
 from custom_llm.resources import human_bytes
 from custom_llm.terminal import say
-from custom_llm.tokenizer import encode, load_tokenizer
+from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer
 
 # What --report quantizes to when --quant_type does not say: from near-lossless to 2-bit.
 REPORT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
@@ -75,9 +78,9 @@ def main():
     show_report = args.report or len(quant_types) > 1
 
     config, tokenizer, model = load_model(args)
-    held_out, windows, prompts = what_to_check_on(args, config, tokenizer, show_report)
+    held_out, windows, prompts, greedy = what_to_check_on(args, config, tokenizer, show_report)
     quantized = {quant_type: f"{args.gguf_output}.{quant_type}.gguf" for quant_type in quant_types}
-    export_and_check(args, model, tokenizer, quantized, windows, prompts)
+    export_and_check(args, model, tokenizer, quantized, windows, prompts, greedy)
     if show_report:
         print_report(model, held_out.tokens, held_out.source, args, {"F16": args.gguf_output, **quantized})
     suggested = quantized.get("Q4_0", quantized[quant_types[0]])
@@ -95,27 +98,32 @@ def load_model(args):
 
 def what_to_check_on(args, config, tokenizer, show_report):
     """(what training held out (checks.held_out_tokens) or None, the windows whose logits are
-    compared, a chat model's held-out conversations to format and answer)."""
+    compared, a chat model's held-out conversations to format and answer, the greedy-text check's
+    prompt or None)."""
     held_out = held_out_tokens(args.eval_text, config, tokenizer)
     if held_out and len(held_out.tokens) > 1:
-        windows = held_out_windows(held_out.tokens, config["block_size"])
+        windows = check_windows(held_out.tokens, config)
     elif show_report:
         raise UserError("the report needs held-out text, and the training text recorded in the config "
                         f"({spec_text(config.get('dataset_path') or '')}) is not there: pass --eval_text FILE", 2)
     else:
         say("note: training text not found; checking logits on the built-in test strings instead")
         windows = [w for w in (encode(tokenizer, s)[:config["block_size"]] for s in HARD_STRINGS) if w]
+        if check_length(config) > config["block_size"]:   # and the long pass, of those strings repeated
+            windows += check_windows([t for w in windows for t in w], config)
     prompts = chat_prompts(held_out and held_out.conversations, tokenizer, config)
     if template_of_config(config, tokenizer) and not prompts:
         say("note: no held-out conversation to check the chat on (the training conversations are not where "
             "the config says, --eval_text was given instead, or none fits the block with room for an answer): "
             "the chat check is skipped")
-    return held_out, windows, prompts
+    return held_out, windows, prompts, greedy_prompt(held_out.tokens if held_out else [], config,
+                                                     tokenizer.token_to_id(END_OF_TEXT))
 
 
-def export_and_check(args, model, tokenizer, quantized: dict, windows, prompts) -> None:
+def export_and_check(args, model, tokenizer, quantized: dict, windows, prompts, greedy=None) -> None:
     """Write every export, then quantize from full-precision weights, not from the F16 file, so
-    nothing is rounded twice; check each against the model. Everything is written under temporary
+    nothing is rounded twice; check each against the model (greedy: the greedy-text check's
+    prompt, for the unquantized exports that generate). Everything is written under temporary
     names and moves into place only when every file passed its check: a failure leaves the
     previous files as they were."""
     source = f"{args.gguf_output}.source-f32"
@@ -145,6 +153,8 @@ def export_and_check(args, model, tokenizer, quantized: dict, windows, prompts) 
             failures += check_and_say(export_format, path, tmp, tolerance, model, tokenizer, windows)
             if prompts and not failures:
                 failures += check_chat_and_say(export_format, path, tmp, tolerance, model, tokenizer, prompts)
+            if greedy and tolerance is not None and export_format.greedy_read_back and not failures:
+                failures += check_greedy_and_say(export_format, path, tmp, model, tokenizer, greedy)
         if failures:
             raise UserError("; ".join(failures) + "; nothing was replaced: the previous files are untouched")
 
@@ -165,7 +175,8 @@ def check_and_say(export_format, path, written, tolerance, model, tokenizer, win
     say(f"Check {shown(path, export_format.folder)}: {human_bytes(r['size'])}"
           + (f", {r['bpw']:.2f} bits/weight" if r["bpw"] is not None else "")
           + f", tokenization {r['tokens_agree']}/{n_hard} strings equal, "
-          f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}")
+          f"next token {100 * r['next_agree']:.1f}% equal, max relative logit error {r['rel_error']:.1e}"
+          + past_the_block(windows, model.config["block_size"]))
     failures = []
     if r["tokens_agree"] != n_hard:
         failures.append(f"{path} tokenizes {n_hard - r['tokens_agree']} test string(s) differently")
@@ -173,6 +184,12 @@ def check_and_say(export_format, path, written, tolerance, model, tokenizer, win
         failures.append(f"{path} logits differ from PyTorch by {r['rel_error']:.1e} "
                         f"(tolerance {tolerance:.0e} for {export_format.description})")
     return failures
+
+
+def past_the_block(windows, block: int) -> str:
+    """How far past the block the logits were compared, where they were (a windowed model's)."""
+    longest = max((len(w) for w in windows), default=0)
+    return f" (in passes of up to {longest} tokens, {longest / block:g} blocks)" if longest > block else ""
 
 
 def check_chat_and_say(export_format, path, written, tolerance, model, tokenizer, prompts) -> list:
@@ -194,6 +211,24 @@ def check_chat_and_say(export_format, path, written, tolerance, model, tokenizer
     if tolerance is not None and "differ" in answers:
         failures.append(f"{path} answers {answers.count('differ')} conversation(s) differently from PyTorch")
     return failures
+
+
+def check_greedy_and_say(export_format, path, written, model, tokenizer, prompt) -> list:
+    """One line on whether the unquantized export bound for path writes PyTorch's greedy text far
+    past the block (a windowed model's check); what failed, if anything."""
+    try:
+        r = check_greedy(export_format, written, model, tokenizer, prompt)
+    except LlamaCrash as crash:
+        say(f"Greedy check {shown(path, export_format.folder)}: {crash}")
+        return [f"{crash} while checking {path}'s greedy text"]
+    block = model.config["block_size"]
+    say(f"Greedy check {shown(path, export_format.folder)}: {r['n']} tokens after a prompt of {len(prompt)} "
+        f"(block {block}): " + {"equal": "the same text as PyTorch",
+                                "near tie": "the same text as PyTorch up to a near tie",
+                                "differ": "NOT the text PyTorch writes"}[r["result"]])
+    if r["result"] == "differ":
+        return [f"{path} writes another greedy text than PyTorch past the block"]
+    return []
 
 
 def report_written(path, written, quant_type, config):

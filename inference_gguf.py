@@ -17,6 +17,10 @@ A chat model (one trained on conversations: its GGUF has a chat template) answer
 The conversation is kept from line to line; its oldest whole turns are dropped when it no longer
 fits the context (the system message stays), and /reset starts it over. An answer ends at the
 end of its turn.
+
+The context: a GPT-2 model's is its block_size, and past it the text slides (docs/context.md). A
+windowed model (docs/windowed.md) reads any length the same way: nothing slides, and a
+conversation is kept up to the context llama.cpp opens for it (the file's 4,096 tokens).
 """
 
 import json
@@ -46,7 +50,7 @@ def show(text):
 
 def generate_and_print(model: GGUFModel, prompt: str, settings: Settings, sampler: Sampler, as_json: bool):
     n_prompt = len(model.tokenize(prompt))
-    if n_prompt > model.block_size:
+    if n_prompt > model.block_size and not model.windowed:
         say(f"note: the prompt is {n_prompt} tokens; the model sees only its last "
             f"{model.block_size} (its context length)")
     if not as_json:
@@ -60,19 +64,21 @@ def answer_and_print(model: GGUFModel, conversation: ChatHistory, message: str, 
     holds the answer too. Only the answer is printed. Raises UserError, and sends nothing, when
     the message does not fit the context with room for an answer."""
     # Room kept for the answer: a quarter of the context at most, so that earlier turns stay (a
-    # longer answer slides the window, as any generation does).
-    room = min(settings.max_tokens, model.block_size // 4)
+    # longer answer slides the window, as any generation does). The context: the block (GPT-2),
+    # or what llama.cpp opened for a windowed model, which reads any length.
+    context = model.context
+    room = min(settings.max_tokens, context // 4)
     try:
-        messages, ids, dropped = conversation.fit(message, model.encode_chat, model.block_size - room)
+        messages, ids, dropped = conversation.fit(message, model.encode_chat, context - room)
     except TurnTooLong as err:
         system = " with the system message" if conversation.system is not None else ""
         raise UserError(f"this message takes {err.n_tokens} tokens as a turn{system}; the context is "
-                        f"{model.block_size} tokens, {room} of them kept for the answer (a lower max_tokens "
+                        f"{context} tokens, {room} of them kept for the answer (a lower max_tokens "
                         "keeps fewer): not sent", 2)
     if dropped:
-        say(f"note: the {dropped} oldest turns no longer fit the context of {model.block_size} tokens "
+        say(f"note: the {dropped} oldest turns no longer fit the context of {context} tokens "
             "and were dropped" if dropped > 1 else
-            f"note: the oldest turn no longer fits the context of {model.block_size} tokens and was dropped")
+            f"note: the oldest turn no longer fits the context of {context} tokens and was dropped")
     result = run_and_print(model, message, settings, sampler, as_json, ids, messages)
     conversation.add(message, result.text)
     return result
@@ -121,10 +127,10 @@ def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json:
         except ImportError:  # Windows has no readline: input() still works, without history
             pass
         if conversation is None:
-            say(f"Loaded {name} (context {model.block_size} tokens). Type a prompt; /help lists the "
+            say(f"Loaded {name} ({describe_context(model)}). Type a prompt; /help lists the "
                 "commands; an empty line or Ctrl-D quits.")
         else:
-            say(f"Loaded {name}, a chat model (context {model.block_size} tokens): the conversation is "
+            say(f"Loaded {name}, a chat model ({describe_context(model)}): the conversation is "
                 "kept from message to message. Type a message; /reset starts over, /help lists the "
                 "commands; an empty line or Ctrl-D quits.")
     while True:
@@ -157,6 +163,12 @@ def prompt_loop(model: GGUFModel, settings: Settings, sampler: Sampler, as_json:
             say(f"error: {err}")
         except KeyboardInterrupt:     # Ctrl-C outside the token loop (e.g. while printing)
             say("\n[interrupted]")
+
+
+def describe_context(model: GGUFModel) -> str:
+    if model.windowed:
+        return f"a window of {model.block_size} tokens, any length; a conversation keeps {model.context}"
+    return f"context {model.block_size} tokens"
 
 
 def run_command(text: str, settings: Settings, conversation: ChatHistory = None):

@@ -3,16 +3,21 @@
     python llm_model.py                 # answer the questions
     python llm_model.py --n_layer 4 -y  # flags for some, defaults for the rest
     printf '5000\n64\n4\n2\n64\n0.0\n' | python llm_model.py   # piped answers, in the questions' order
+    python llm_model.py --architecture windowed   # rotary positions, a window on every layer
 
 The first question is the vocabulary: a number is a BPE of that many tokens, learned from your
 text by train_llm.py; `char` is one token per character of it. Every answer is checked here, so a
 shape that cannot train is refused now, with its reason, not later in training. The model itself
-is an architecture module (custom_llm/architectures.py); `from llm_model import build_model` makes
-the model a saved config describes.
+is an architecture module (custom_llm/architectures.py), chosen with --architecture: gpt2 (learned
+positions, a context of block_size) or windowed (docs/windowed.md: rotary positions and a window of
+block_size tokens on every layer, the same model at any length, trained on rows of --train_windows
+windows). `from llm_model import build_model` makes the model a saved config describes.
 """
 
-from custom_llm.architectures import DEFAULT as DEFAULT_ARCHITECTURE
+from custom_llm import windowed
+from custom_llm.architectures import ARCHITECTURES, DEFAULT as DEFAULT_ARCHITECTURE
 from custom_llm.cli import ArgumentParser, Question, add_question_flags, ask, run
+from custom_llm.errors import UserError
 from custom_llm.files import save_config
 from custom_llm.flags import parse_number
 from custom_llm.memory import check_memory
@@ -39,9 +44,10 @@ def vocabulary(text: str):
     return size
 
 
-def questions(tokenizer_flag=None):
+def questions(tokenizer_flag=None, architecture=DEFAULT_ARCHITECTURE):
     """The questions, in the order piped answers follow. --tokenizer (an older way to choose)
-    sets what the vocabulary question means when it is not answered."""
+    sets what the vocabulary question means when it is not answered; --architecture what a head
+    must be."""
     def fits_tokenizer_flag(answer, answers):
         if tokenizer_flag == "char" and answer != "char":
             return f"{answer} is a BPE size, but --tokenizer char has one token per character: leave one out"
@@ -54,6 +60,11 @@ def questions(tokenizer_flag=None):
         if n_embd % n_head:
             return f"n_embd {n_embd} is not divisible by n_head {n_head}; pick a divisor such as " \
                    + ", ".join(str(d) for d in (1, 2, 4, 8, 16) if n_embd % d == 0)
+        if architecture == windowed.NAME and (n_embd // n_head) % 2:
+            return f"the head size n_embd / n_head = {n_embd // n_head} is odd, and the windowed " \
+                   "architecture's rotary positions turn pairs of dimensions: pick an n_head that leaves " \
+                   "an even head size, such as " + ", ".join(
+                       str(d) for d in (1, 2, 4, 8, 16) if n_embd % d == 0 and (n_embd // d) % 2 == 0)
         return None
 
     return [
@@ -81,21 +92,41 @@ def size_line(config: dict) -> str:
             "tokenizer's vocabulary is the characters of your text, counted by train_llm.py")
 
 
+def train_windows(architecture: str, given) -> int:
+    """Windows of block_size in one training row: --train_windows, else the architecture's default.
+    GPT-2's learned positions end at the block, so its rows are one window."""
+    module = ARCHITECTURES[architecture]
+    if given is None:
+        return module.TRAIN_WINDOWS
+    if given > 1 and module.TRAIN_WINDOWS == 1:
+        raise UserError(f"--train_windows {given}: the {architecture} architecture has learned positions up to "
+                        "block_size only, so it trains on one window; use --architecture windowed for longer rows", 2)
+    return given
+
+
 def main():
     parser = ArgumentParser(description="Choose the shape of your GPT and save it.")
     parser.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
                         help="char or bpe; the same as answering the vocabulary question with char or a size "
                              f"(--tokenizer bpe alone: {DEFAULT_BPE_SIZE} tokens)")
+    parser.add_argument("--architecture", choices=list(ARCHITECTURES), default=DEFAULT_ARCHITECTURE,
+                        help="gpt2: learned positions, the context is block_size; windowed: rotary positions "
+                             "and a window of block_size tokens on every layer, the same model at any length "
+                             "(docs/windowed.md) (default: %(default)s)")
+    parser.add_number("train_windows", shown_default=f"{windowed.TRAIN_WINDOWS} for windowed, 1 for gpt2")
     add_question_flags(parser, questions())
     parser.add_argument("--output", default="model_config.pth", help="where to save the config")
     args = parser.parse_args()
+    windows = train_windows(args.architecture, args.train_windows)
 
-    config = ask("Configure your LLM model:", questions(args.tokenizer), args)
+    config = ask("Configure your LLM model:", questions(args.tokenizer, args.architecture), args)
     # The char tokenizer's size is known once train_llm.py has counted the text's characters:
     # until then, the 256 bytes and the special tokens every char tokenizer has.
     vocab = config["vocab_size"]
-    config.update(architecture=DEFAULT_ARCHITECTURE, tokenizer="char" if vocab == "char" else "bpe",
+    config.update(architecture=args.architecture, tokenizer="char" if vocab == "char" else "bpe",
                   vocab_size=build_char_tokenizer([]).get_vocab_size() if vocab == "char" else vocab)
+    if windows > 1:   # a GPT-2 config stays as it was before there was a choice
+        config["train_windows"] = windows
     check_memory(config)
     save_config(config, args.output)
     say(f"Saved {args.output}: {size_line(config)}")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generation.py --workdir DIR   # a folder where the pipeline ran
     python benchmarks/bench_generation.py                 # trains a default-size model briefly first
+    python benchmarks/bench_generation.py --architecture windowed   # the same, a windowed model
 
 Greedy generation of the same tokens from the same prompt, timed for:
   transformers generate()   the exported hf_model/, KV cache on (what a user would otherwise run)
@@ -24,6 +25,11 @@ its steps to begin, and stops it when the timings are done (--train_minutes at m
 figure is the median of --repeats fresh loads each generating --tokens tokens, as
 `inference_gguf.py --query` does, the three choices taking turns; the load column is the
 1-minute load average after them.
+
+With --architecture windowed the model trained is a windowed one (docs/windowed.md): nothing
+slides, every new token is one decode however far past the block, so "past context" is simply
+the tokens after the first block_size positions. The bare loops (which slide as GPT-2 does) are
+left out; PyTorch and inference_gguf are timed as above.
 """
 
 import argparse
@@ -68,7 +74,8 @@ def prepare(args) -> str:
         subprocess.run([py, *map(str, cmd)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
 
     if not os.path.exists(os.path.join(folder, "trained_model.pth")):
-        stage(os.path.join(REPO, "llm_model.py"), "-y", "--dropout", "0")  # the default size
+        stage(os.path.join(REPO, "llm_model.py"), "-y", "--dropout", "0",   # the default size
+              "--architecture", args.architecture)
         stage(os.path.join(REPO, "train_llm.py"), "-y", "--dataset_path", os.path.abspath(args.text),
               "--max_steps", args.train_steps, "--learning_rate", "0.001")
     if not os.path.isdir(os.path.join(folder, "hf_model")):
@@ -366,6 +373,8 @@ def main():
                         help="on a shared machine: wait up to S seconds before each idle timing, and "
                              "before starting the training run, for other programs to use under a "
                              "quarter of a core (--thread_choices)")
+    parser.add_argument("--architecture", choices=["gpt2", "windowed"], default="gpt2",
+                        help="the model trained when training here (default: %(default)s)")
     args = parser.parse_args()
     if args.thread_choices:
         return thread_choices(args)
@@ -401,21 +410,33 @@ def main():
     rows.append(("PyTorch generate() (KV cache)", median(r[1] for r in runs), median(r[0] for r in runs),
                  median(r[2] for r in runs)))
 
+    rows += gguf_rows(folder, args, prompt_ids, n_long, block_size, texts, n_in, sink)
+    print_table(rows, texts, windowed=config.get("architecture") == "windowed")
+
+
+def gguf_rows(folder, args, prompt_ids, n_long, block_size, texts, n_in, sink):
+    """The GGUF paths of every type: inference_gguf, and (GPT-2) the bare loops."""
+    rows = []
     for kind in TYPES:
         gguf = GGUFModel(os.path.join(folder, f"bench.{kind}.gguf"), n_threads=args.threads)
         inference = [run_inference(gguf, args.prompt, n_long, block_size, sink)
                      for _ in range(args.repeats + 1)][1:]
         tokens = inference[0][1]
-        bare = [run_bare_loop(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
-        lower = [run_bare_decode(gguf, prompt_ids, tokens, block_size) for _ in range(args.repeats + 1)][1:]
+        paths = [(f"inference_gguf {kind}", [t for t, _ in inference])]
+        if not gguf.windowed:   # the bare loops slide as GPT-2 does
+            paths = [(f"bare llama.cpp loop {kind}", [run_bare_loop(gguf, prompt_ids, tokens, block_size)
+                                                      for _ in range(args.repeats + 1)][1:]),
+                     (f"bare llama_decode loop {kind}", [run_bare_decode(gguf, prompt_ids, tokens, block_size)
+                                                         for _ in range(args.repeats + 1)][1:])] + paths
         if kind == "F32":
             texts["F32"] = tokens[:n_in]
-        for name, timings in ((f"bare llama.cpp loop {kind}", bare),
-                              (f"bare llama_decode loop {kind}", lower),
-                              (f"inference_gguf {kind}", [t for t, _ in inference])):
+        for name, timings in paths:
             rows.append((name, median(t.in_context() for t in timings), median(t.ttft for t in timings),
                          median(t.past_context() for t in timings)))
+    return rows
 
+
+def print_table(rows, texts, windowed: bool):
     print("\n| path | tokens/s in context | TTFT ms | tokens/s past context | past / in |")
     print("|---|---:|---:|---:|---:|")
     for name, rate, ttft, past in rows:
@@ -426,7 +447,7 @@ def main():
     print()
     print(f"inference_gguf Q4_0 / transformers generate(): "
           f"{by_name['inference_gguf Q4_0'] / by_name['transformers generate()']:.2f}x (goal >= 4x)")
-    for kind in TYPES:
+    for kind in TYPES if not windowed else []:
         print(f"inference_gguf {kind} / bare loop {kind}: "
               f"{by_name[f'inference_gguf {kind}'] / by_name[f'bare llama.cpp loop {kind}']:.0%} (goal >= 90%)")
     same = texts["transformers"] == texts["pytorch"] == texts["F32"]

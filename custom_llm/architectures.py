@@ -9,11 +9,14 @@ Each module provides:
     count_parameters(config)           without building it
     hf_model(model, end_of_text_id)    a transformers model holding its weights
     add_gguf_model(writer, model, matrix_type, **options)   its GGUF metadata and tensors
+    TRAIN_WINDOWS                      windows of block_size a training row holds by default
+                                       (1: the model reads at most block_size tokens)
+    CHECK_WINDOWS                      windows of the export checks' long pass (1: the block)
 """
 
-from custom_llm import gpt2
+from custom_llm import gpt2, windowed
 
-ARCHITECTURES = {module.NAME: module for module in [gpt2]}
+ARCHITECTURES = {module.NAME: module for module in [gpt2, windowed]}
 DEFAULT = gpt2.NAME
 
 
@@ -23,3 +26,23 @@ def architecture_of(config: dict):
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
+
+
+def train_windows(config: dict) -> int:
+    """Windows of block_size in one training row: the config's, else the architecture's default;
+    always 1 for an architecture that reads no further than its block (GPT-2's learned positions)."""
+    default = architecture_of(config).TRAIN_WINDOWS
+    return 1 if default == 1 else config.get("train_windows") or default
+
+
+def sequence_length(config: dict) -> int:
+    """Tokens of one training row (and of one validation row, so that validation losses compare
+    from run to run): block_size for GPT-2, several windows for a windowed model. The data, the
+    step plan, the memory estimate and the speed line all read it here."""
+    return config["block_size"] * train_windows(config)
+
+
+def check_length(config: dict) -> int:
+    """Tokens of the export checks' long pass: the block for GPT-2, CHECK_WINDOWS blocks for a
+    model that reads past it."""
+    return config["block_size"] * architecture_of(config).CHECK_WINDOWS

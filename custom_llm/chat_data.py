@@ -8,7 +8,8 @@ a usable conversation gets a note with its file and line (or item, or row) and i
 reasons are counted.
 
 The conversations are rendered and tokenized by chat_format.py (the template), and packed greedily into
-windows of block_size + 1 tokens, a conversation never split between windows; one longer than a
+windows of sequence_length + 1 tokens (architectures.sequence_length: the block, or several windows
+of it for a windowed model), a conversation never split between windows; one longer than a
 window loses its oldest whole turns (or, when its last exchange alone is too long, the tokens
 before the last window's worth), and these cuts are counted. Only the answers are targets.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from custom_llm.architectures import sequence_length
 from custom_llm.chat_format import (DEFAULT_TEMPLATE, TEMPLATES, ChatFormat, conversation_runs, template_of_tokenizer,
                                     with_chat_tokens)
 from custom_llm.chat_layouts import CONVERSATION_SUFFIXES, Reason, count_text, is_conversation_file, read_file
@@ -116,10 +118,10 @@ def cut_to_fit(ids, targets, window: int, turn_start_id: int):
 
 @dataclass
 class PackedWindows:
-    """Conversations packed into windows of block_size + 1 tokens: the training or the validation
+    """Conversations packed into windows of sequence_length + 1 tokens: the training or the validation
     part of a ChatDataset. Only the target positions (the answers) are trained on."""
-    windows: np.ndarray         # (n, block_size + 1) token ids
-    targets: np.ndarray         # (n, block_size + 1) bool: this token is an answer's, to be predicted
+    windows: np.ndarray         # (n, sequence_length + 1) token ids
+    targets: np.ndarray         # (n, sequence_length + 1) bool: this token is an answer's, to be predicted
     n_conversations: int
     n_cut: int                  # conversations longer than a window, cut to fit
 
@@ -212,7 +214,7 @@ class ChatDataset(Dataset):
 
 def prepare(corpus: Corpus, tokenizer, config: dict) -> ChatDataset:
     """The corpus's conversations, checked, held out, tokenized (with the given tokenizer, grown by
-    the template's tokens, or a new one) and packed into windows of the config's block_size + 1.
+    the template's tokens, or a new one) and packed into windows of the config's sequence_length + 1.
     The template: the given tokenizer's, else the config's, else the default (ChatML)."""
     started = time.time()
     template = (tokenizer is not None and template_of_tokenizer(tokenizer)) or \
@@ -231,11 +233,11 @@ def prepare(corpus: Corpus, tokenizer, config: dict) -> ChatDataset:
                         f"{grown.get_vocab_size()} tokens (the model grows by as many rows)")
         tokenizer = grown
     chat = ChatFormat(tokenizer, template)
-    window, pad_id, turn_start = config["block_size"] + 1, tokenizer.token_to_id(END_OF_TEXT), \
+    window, pad_id, turn_start = sequence_length(config) + 1, tokenizer.token_to_id(END_OF_TEXT), \
         tokenizer.token_to_id(template.turn_start)
     encoded_train, encoded_val = chat.encode_runs(runs_train), chat.encode_runs(runs_val)
     n_characters = sum(len(m["content"]) for messages in conversations for m in messages)
-    return ChatDataset(tokenizer, corpus, config["block_size"], n_characters, False, notes=corpus.notes() + notes,
+    return ChatDataset(tokenizer, corpus, sequence_length(config), n_characters, False, notes=corpus.notes() + notes,
                        made=made, train=pack(encoded_train, window, pad_id, turn_start),
                        val=pack(encoded_val, window, pad_id, turn_start), template=template,
                        n_token_count=sum(len(ids) for ids, _ in encoded_train + encoded_val),

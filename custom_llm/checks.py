@@ -1,18 +1,21 @@
 """Checking an export against the PyTorch model it came from: the same tokens on the hard
 strings, the same likeliest next token, logits within tolerance, on held-out windows of the
-training text. convert_to_gguf.py runs these after every export; the benchmarks reuse them."""
+training text (a windowed model's: passes of architectures.check_length tokens, far past its
+block, and a greedy text of a few hundred tokens). convert_to_gguf.py runs these after every
+export; the benchmarks reuse them."""
 
 import os
 
 import numpy as np
 
 from custom_llm import data
+from custom_llm.architectures import check_length
 from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
 from custom_llm.corpus import find_documents, spec_exists
 from custom_llm.errors import UserError
 from custom_llm.evaluation import pytorch_logits
 from custom_llm.text_data import text_dataset
-from custom_llm.tokenizer import encode
+from custom_llm.tokenizer import END_OF_TEXT, encode
 
 # Strings on which Python and an export must agree id for id: empty, whitespace runs, \r\n, tabs,
 # emoji with joiners and skin tones, flags, combining marks, CJK, right-to-left scripts, NUL and
@@ -66,6 +69,41 @@ def held_out_windows(tokens: list, block_size: int, count: int = 4) -> list:
     """Up to `count` windows of block_size tokens, for the quick checks."""
     windows = [tokens[i:i + block_size] for i in range(0, len(tokens) - block_size + 1, block_size)]
     return windows[:count] or ([tokens] if tokens else [])
+
+
+def check_windows(tokens: list, config: dict) -> list:
+    """The windows whose logits are compared: up to 4 of block_size tokens (GPT-2); for a model
+    that reads past its block, 2 passes of check_length tokens each, the held-out text repeated
+    where it is shorter (what is checked is the long pass)."""
+    length = check_length(config)
+    if length == config["block_size"]:
+        return held_out_windows(tokens, length)
+    if tokens and len(tokens) < length:
+        tokens = (list(tokens) * -(-length // len(tokens)))[:length]
+    return held_out_windows(tokens, length, count=2)
+
+
+GREEDY_TOKENS = 300        # a windowed model's greedy check: at least this many tokens, and 2 blocks
+
+
+def greedy_prompt(tokens: list, config: dict, end_of_text: int):
+    """The prompt of the greedy-text check (a windowed model's), or None (GPT-2: its checks are
+    the windows): the first half-block of held-out tokens."""
+    if check_length(config) == config["block_size"]:
+        return None
+    return list(tokens[:max(1, config["block_size"] // 2)]) or [end_of_text]
+
+
+def check_greedy(export_format, path, model, tokenizer, prompt: list) -> dict:
+    """The export's greedy text after prompt against PyTorch generate(temperature=0), for
+    max(GREEDY_TOKENS, 2 blocks + 1) tokens or up to the end of text (or of a turn): n (tokens
+    compared) and result (compare_answers: 'equal', 'near tie' or 'differ')."""
+    n = max(GREEDY_TOKENS, 2 * model.config["block_size"] + 1)
+    template = template_of_config(model.config, tokenizer)
+    stops = end_ids(tokenizer, template) if template else {tokenizer.token_to_id(END_OF_TEXT)}
+    expected = greedy_answer(model, prompt, n, stops)
+    got = export_format.greedy_read_back(path, prompt, n)
+    return {"n": len(expected), "result": compare_answers(model, prompt, expected, got, export_format.tolerance)}
 
 
 def check_export(export_format, path, model, tokenizer, windows) -> dict:

@@ -22,11 +22,12 @@ IGNORED = -1   # the target of a position that is not trained on (model.py's los
 
 @dataclass
 class Dataset:
-    """Training and validation data of one kind, cut in windows of block_size tokens. The fields
-    are what every kind has; the methods are what each kind answers in its own way."""
+    """Training and validation data of one kind, cut in rows of sequence_length tokens (a training
+    example: architectures.sequence_length, the block or several windows of it). The fields are
+    what every kind has; the methods are what each kind answers in its own way."""
     tokenizer: object
     corpus: Corpus          # the documents, their manifest and which are held out
-    block_size: int
+    sequence_length: int    # tokens of a row's inputs
     n_characters: int
     from_cache: bool        # its tokens came from the token cache
     notes: list = field(default_factory=list)    # lines for the user after the description
@@ -73,15 +74,15 @@ class Dataset:
         raise NotImplementedError
 
     def check_fits(self) -> None:
-        """A UserError unless each part holds at least one window."""
+        """A UserError unless each part holds at least one row."""
         raise NotImplementedError
 
     def draw(self, split: str, generator: np.random.Generator, count: int) -> np.ndarray:
-        """`count` windows of split ("train" or "val") at random, as offsets for batch()."""
+        """`count` rows of split ("train" or "val") at random, as offsets for batch()."""
         raise NotImplementedError
 
     def batch(self, split: str, offsets: np.ndarray, device="cpu"):
-        """(inputs, targets) of the windows at offsets, each (len(offsets), block_size) int64;
+        """(inputs, targets) of the rows at offsets, each (len(offsets), sequence_length) int64;
         targets of positions not trained on are IGNORED."""
         raise NotImplementedError
 

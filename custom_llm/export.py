@@ -240,6 +240,9 @@ class Format:
     # format's own chat front end formats and answers them (a chat model's check)
     chat_read_back: Optional[Callable] = None
     folder: bool = False        # the export is a folder, not a file
+    # (path, prompt ids, max tokens) -> the greedy continuation's ids, through the format's own
+    # generation (a windowed model's check far past the block)
+    greedy_read_back: Optional[Callable] = None
 
 
 def _write_f16_gguf(model, tokenizer, path):
@@ -258,8 +261,9 @@ def _chat_hf(path, conversations, max_tokens):
 
 # llama.cpp computes some steps in half precision, so even an F32 GGUF is not bit-exact. A GGUF is
 # read back in a child process (isolated.py): llama.cpp's crashes there are answers.
-HF = Format("output_dir", "hf_model", "Hugging Face GPT2LMHeadModel + tokenizer", write_hf_folder, _read_back_hf,
+HF = Format("output_dir", "hf_model", "Hugging Face model + tokenizer", write_hf_folder, _read_back_hf,
             2e-3, chat_read_back=_chat_hf, folder=True)
 GGUF = Format("gguf_output", "model.gguf", "F16", _write_f16_gguf, isolated.read_back, 1e-2,
-              bits_per_weight=lambda path: tensor_types(path)[1], chat_read_back=isolated.chat)
+              bits_per_weight=lambda path: tensor_types(path)[1], chat_read_back=isolated.chat,
+              greedy_read_back=isolated.greedy)
 FORMATS = [HF, GGUF]

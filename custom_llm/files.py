@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from custom_llm.architectures import architecture_of
+from custom_llm.architectures import architecture_of, sequence_length, train_windows
 from custom_llm.atomic import atomic_path
 from custom_llm.errors import UserError, cannot_read
 from custom_llm.corpus import changed_files, spec_text
@@ -112,6 +112,10 @@ def check_resume(checkpoint, config, tokenizer, dataset):
         if checkpoint["config"].get(key) != config.get(key):
             raise UserError(f"cannot resume: model config differs from the checkpoint's ({key} is "
                             f"{config.get(key)}, the checkpoint has {checkpoint['config'].get(key)})")
+    lengths = sequence_length(checkpoint["config"]), sequence_length(config)
+    if lengths[0] != lengths[1]:
+        raise UserError(f"cannot resume: the checkpoint trained on rows of {lengths[0]} tokens, the config asks "
+                        f"for {lengths[1]} (train_windows {train_windows(config)})")
     if checkpoint["tokenizer_hash"] != tokenizer_hash(tokenizer):
         raise UserError("cannot resume: tokenizer.json differs from the one the checkpoint was trained with")
     if checkpoint["text_hash"] != dataset.text_hash:

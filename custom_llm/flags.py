@@ -68,6 +68,7 @@ NUMBERS = {
     "n_layer": Number(int, 1, None, "transformer blocks"),
     "block_size": Number(int, 1, None, "context length in tokens"),
     "dropout": Number(float, 0, 1, "dropout probability", high_open=True),
+    "train_windows": Number(int, 1, None, "windows of block_size in one training row (windowed models)"),
     # train_llm.py
     "batch_size": Number(int, 1, None, "windows per step and process"),
     "learning_rate": Number(float, 0, None, "peak learning rate", low_open=True),

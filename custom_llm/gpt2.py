@@ -21,6 +21,8 @@ from custom_llm.model import LanguageModel, language_model_loss
 NAME = "gpt2"              # the config's "architecture"
 GGUF_ARCH = "gpt2"         # llama.cpp's architecture name
 LAYER_NORM_EPS = 1e-5      # torch's default, and GPT-2's layer_norm_epsilon
+TRAIN_WINDOWS = 1          # learned positions end at the block: a training row is one block
+CHECK_WINDOWS = 1          # and so is the export checks' pass
 
 
 # ------------------------------------------------------------------ the graph

@@ -63,6 +63,12 @@ def scores(path: str, windows: list):
     return run("scores", path=path, windows=windows)
 
 
+def greedy(path: str, prompt: list, max_tokens: int) -> list:
+    """The greedy continuation of prompt (ids) by the GGUF at path through inference's own
+    generation (runtime.GGUFModel.generate), up to its stop token."""
+    return run("greedy", path=path, prompt=prompt, max_tokens=max_tokens)
+
+
 def chat(path: str, conversations: list, max_tokens: list):
     """[(prompt ids, greedy answer ids)] of each conversation through llama-cpp-python's own chat
     completion, with the GGUF's own template (export.Format.chat_read_back)."""
@@ -71,16 +77,28 @@ def chat(path: str, conversations: list, max_tokens: list):
 
 # ------------------------------------------------------------------ the child
 
+def _logits_model(path, windows):
+    """The GGUF, to read each window's logits in one pass: a windowed one in a context of the
+    longest (the checks' long pass), not of its default (logits_all keeps a row per position)."""
+    from custom_llm.runtime import GGUFModel, check_gguf
+    longest = max((len(w) for w in windows), default=0)
+    return GGUFModel(path, logits_all=True, n_ctx=longest if check_gguf(path).windowed else None)
+
+
 def _read_back(path, strings, windows):
-    from custom_llm.runtime import GGUFModel
-    model = GGUFModel(path, logits_all=True)
+    model = _logits_model(path, windows)
     return [model.tokenize(s) for s in strings], [model.logits(w) for w in windows]
 
 
 def _scores(path, windows):
     from custom_llm.evaluation import score
+    return score(_logits_model(path, [inputs for inputs, _ in windows]).logits, windows)
+
+
+def _greedy(path, prompt, max_tokens):
+    import numpy as np
     from custom_llm.runtime import GGUFModel
-    return score(GGUFModel(path, logits_all=True).logits, windows)
+    return list(GGUFModel(path).generate(list(prompt), max_tokens, lambda logits: int(np.argmax(logits))))
 
 
 def _chat(path, conversations, max_tokens):
@@ -114,7 +132,7 @@ def _chat(path, conversations, max_tokens):
     return answers
 
 
-JOBS = {"read_back": _read_back, "scores": _scores, "chat": _chat}
+JOBS = {"read_back": _read_back, "scores": _scores, "chat": _chat, "greedy": _greedy}
 
 
 def _child(job: str, input_path: str, output_path: str) -> None:

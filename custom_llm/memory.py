@@ -2,6 +2,7 @@
 so a model that cannot fit is refused at once and a batch that does not fit is split (training.py)."""
 
 from custom_llm.errors import UserError
+from custom_llm.architectures import sequence_length
 from custom_llm.model import count_parameters
 
 # Bytes the backward pass keeps per token, per layer and per unit of n_embd, measured on a CPU with
@@ -13,12 +14,13 @@ WORKSPACE_BYTES = 100 * 2**20  # the allocator's and the kernels' own, beyond wh
 
 
 def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, base_bytes: int = None) -> int:
-    """Estimated peak memory (RSS) of training with `windows` windows per forward pass: what the
+    """Estimated peak memory (RSS) of training with `windows` rows per forward pass (each of
+    architectures.sequence_length tokens: the block, or several windows of it): what the
     process already holds (its RSS now, unless base_bytes), 16 bytes per parameter (float32
     weights, gradients and up to two optimizer moments), and the activations kept for the backward
     pass, which grow with the windows run at once."""
     import psutil
-    T, C, L, V = config["block_size"], config["n_embd"], config["n_layer"], config["vocab_size"]
+    T, C, L, V = sequence_length(config), config["n_embd"], config["n_layer"], config["vocab_size"]
     base = psutil.Process().memory_info().rss if base_bytes is None else base_bytes
     activations = windows * T * (L * C * ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
     return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations

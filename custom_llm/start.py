@@ -137,6 +137,7 @@ def config_and_tokenizer(start: Start, files: RunFiles):
         config = load_config(files.config) if os.path.exists(files.config) else {}
         gpt2_config, tokenizer = read_gpt2_folder(start.source)
         config.update(gpt2_config, architecture=gpt2.NAME, dropout=FINE_TUNING_DROPOUT, tokenizer="bpe")
+        config.pop("train_windows", None)          # GPT-2 trains on rows of one block
         config.pop("vocab_size_requested", None)   # the size asked of a BPE trained here: none is
         return config, tokenizer
     config = load_config(files.config)
@@ -240,7 +241,7 @@ def build_run(setup: Setup, args, model, dataset, processes, precision) -> Run:
     # On a GPU the batch runs whole; on a CPU it is split to fit the memory budget.
     micro_batch_size = (plan["batch_size"] if device_type == "cuda" else
                         micro_batch_for(model.config, plan["batch_size"], args.memory_gb * 2**30, precision.autocast))
-    fresh = StepPlan.of(plan, dataset.n_train_tokens, model.config["block_size"], processes.world_size,
+    fresh = StepPlan.of(plan, dataset.n_train_tokens, dataset.sequence_length, processes.world_size,
                         micro_batch_size)
     total_steps = fresh.planned_steps(plan)
     state = LoopState(total_steps=total_steps, micro_batch_size=micro_batch_size,

@@ -3,8 +3,9 @@ them all): the tokens, their training and validation parts, and random windows f
 
 A text of any size, or documents joined with <|endoftext|>, ends as one token file on disk
 (tokens_cache.py), read memory-mapped: no Python work per sample. Its validation part is the last
-10% of the tokens, or the held-out documents, placed last (corpus.py). Any window of block_size + 1
-tokens is a training example: its first block_size tokens in, each next token a target.
+10% of the tokens, or the held-out documents, placed last (corpus.py). Any row of sequence_length
++ 1 tokens is a training example: its first sequence_length tokens in, each next token a target
+(sequence_length: the block for GPT-2, several windows of it for a windowed model).
 """
 
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from custom_llm.architectures import sequence_length
 from custom_llm.corpus import Corpus, spec_text
 from custom_llm.data import Dataset, HeldOut
 from custom_llm.errors import UserError
@@ -63,19 +65,20 @@ class TextDataset(Dataset):
                 + (" (from the token cache)" if self.from_cache else f" (prepared in {self.seconds:.1f}s)"))
 
     def check_fits(self) -> None:
-        """Each part must hold at least one window of block_size + 1 tokens."""
+        """Each part must hold at least one row of sequence_length + 1 tokens."""
+        n = self.sequence_length + 1
         for name, part in (("training", self.train), ("validation", self.val)):
-            if len(part) < self.block_size + 1:
+            if len(part) < n:
                 raise UserError(f"{spec_text(self.corpus.spec)} is too short: its {name} part has {len(part)} "
-                                f"tokens, fewer than block_size + 1 = {self.block_size + 1}; use a longer text "
-                                f"(about {(self.block_size + 1) * 10} characters at least) or a smaller block_size")
+                                f"tokens, fewer than a training row's {n} (the sequence length + 1); use a longer "
+                                f"text (about {n * 10} characters at least) or a smaller block_size")
 
     def draw(self, split, generator, count):
         """Starts of overlapping windows."""
-        return generator.integers(0, len(self._part(split)) - self.block_size, size=count)
+        return generator.integers(0, len(self._part(split)) - self.sequence_length, size=count)
 
     def batch(self, split, offsets, device="cpu"):
-        window = self._part(split)[offsets[:, None] + np.arange(self.block_size + 1)]
+        window = self._part(split)[offsets[:, None] + np.arange(self.sequence_length + 1)]
         window = torch.from_numpy(window.astype(np.int64))
         return to_device(window[:, :-1], window[:, 1:], device)
 
@@ -90,12 +93,12 @@ def to_device(inputs, targets, device):
     return inputs, targets
 
 
-def text_dataset(corpus: Corpus, tokenizer=None, block_size: int = 1) -> TextDataset:
+def text_dataset(corpus: Corpus, tokenizer=None, sequence_length: int = 1) -> TextDataset:
     """The corpus's tokens with the given tokenizer, or a new character tokenizer built from its
     text, from the token cache when it holds them."""
     started = time.time()
     tokens = token_file_for(corpus, tokenizer)
-    return TextDataset(tokens.tokenizer, corpus, block_size, tokens.n_characters, tokens.from_cache,
+    return TextDataset(tokens.tokenizer, corpus, sequence_length, tokens.n_characters, tokens.from_cache,
                        notes=corpus.notes() + tokens.notes, tokens=tokens.tokens, n_held_out=tokens.n_held_out,
                        seconds=time.time() - started)
 
@@ -115,11 +118,11 @@ def prepare(corpus: Corpus, tokenizer, config: dict) -> TextDataset:
         tokenizer, cached = bpe_tokenizer_for(corpus, config["vocab_size_requested"])
         made.append(f"BPE tokenizer: {tokenizer.get_vocab_size()} tokens" +
                     (" (from the token cache)" if cached else f", trained in {time.time() - started:.1f}s"))
-    dataset = text_dataset(corpus, tokenizer, config["block_size"])
+    dataset = text_dataset(corpus, tokenizer, sequence_length(config))
     dataset.made += made
     return dataset
 
 
 def held_out(corpus: Corpus, tokenizer, config: dict) -> HeldOut:
-    dataset = text_dataset(corpus, tokenizer, config["block_size"])
+    dataset = text_dataset(corpus, tokenizer, sequence_length(config))
     return HeldOut(dataset.val.tolist(), dataset.val_source)

@@ -116,11 +116,12 @@ class StepPlan:
     steps_per_epoch: int
 
     @classmethod
-    def of(cls, plan: dict, n_train_tokens: int, block_size: int, world_size: int,
+    def of(cls, plan: dict, n_train_tokens: int, sequence_length: int, world_size: int,
            micro_batch_size: int) -> "StepPlan":
+        """sequence_length: tokens of one row (architectures.sequence_length)."""
         batch_size, accumulation = plan["batch_size"], plan["grad_accum_steps"]
         micro_batches = world_size * accumulation
-        tokens_per_step = batch_size * block_size * micro_batches
+        tokens_per_step = batch_size * sequence_length * micro_batches
         return cls(batch_size, accumulation, micro_batches, micro_batch_size, tokens_per_step,
                    max(1, math.ceil(n_train_tokens / tokens_per_step)))
 
@@ -143,19 +144,19 @@ def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16
     return max(fitting, default=1)
 
 
-def auto_batch_size(precision, block_size: int, sparse_targets: bool = False) -> int:
+def auto_batch_size(precision, sequence_length: int, sparse_targets: bool = False) -> int:
     """Windows per step when the user leaves it to the machine. A short run learns most from many
     steps, so a step should cost little: with fast bfloat16 64 windows cost about what 32 do in
     float32, and each is the best of 16 to 128 measured in a 36-second run of the benchmark model
     (validation loss 1.72 at 64 against 1.84 at 128 with bfloat16 on an AMD EPYC with AVX512-BF16;
     1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2). Those were windows
-    of 128 tokens: longer windows (GPT-2's 1024) take fewer, for the same tokens per step, or one
-    step of a pretrained model would take many minutes on a CPU. Conversations take 64 windows in
+    of 128 tokens: longer rows (GPT-2's 1024, a windowed model's several windows) take fewer, for
+    the same tokens per step, or one step of a pretrained model would take many minutes on a CPU. Conversations take 64 windows in
     either precision: only their answers are targets (about one position in ten), and 32 windows
     gave too few of them per step (benchmarks/bench_chat.py, 5 minutes in float32 limited to AVX2:
     64.0% of held-out questions answered exactly at 32 windows, 93.5% at 64)."""
     windows = 64 if precision.autocast or sparse_targets else 32
-    return max(1, min(windows, windows * 128 // block_size))
+    return max(1, min(windows, windows * 128 // sequence_length))
 
 
 # ------------------------------------------------------------------ forward and backward
@@ -323,8 +324,9 @@ class Run:
     checkpoint_seconds: float          # and seconds
 
     @property
-    def block_size(self) -> int:
-        return self.model.config["block_size"]
+    def sequence_length(self) -> int:
+        """Tokens of one training or validation row."""
+        return self.dataset.sequence_length
 
     def autocast(self):
         return autocast(self.device_type, self.precision)
@@ -359,12 +361,20 @@ def summary(run: Run) -> str:
         split += (f" (even one at a time needs about {run.memory_estimate / 2**30:.1f} GB, more than "
                   f"--memory_gb {run.memory_gb:g}: give --memory_gb N, with N GB free, to run more at once)")
     return (f"Training on {run.device_type} with {run.model.num_parameters() / 1e6:.2f}M parameters: {length}; "
-            f"effective batch {s.batch_size * s.micro_batches} windows ({s.tokens_per_step:,} tokens) = "
+            f"effective batch {s.batch_size * s.micro_batches} {rows_text(run)} ({s.tokens_per_step:,} tokens) = "
             f"{s.batch_size} x {run.processes.world_size} process(es) x {s.accumulation} accumulation step(s)"
             f"{split}; {plan['optimizer']}, peak learning rate {plan['learning_rate']:g}"
             + (", compiled" if run.compiled else "")
             + f"\nPrecision: {run.precision.describe()}"
             + (f"; memory: about {run.memory_estimate / 2**30:.2f} GB" if run.device_type == "cpu" else ""))
+
+
+def rows_text(run: Run) -> str:
+    """What a row of the batch is: a window (the block), or a sequence of several windows."""
+    block = run.model.config["block_size"]
+    if run.sequence_length == block:
+        return "windows"
+    return f"sequences of {run.sequence_length} tokens ({run.sequence_length // block} windows of {block})"
 
 
 def speed_estimate(run: Run) -> str:
@@ -378,7 +388,7 @@ def speed_estimate(run: Run) -> str:
     # A validation batch is a forward pass only, about a third of a training pass.
     steps_left = run.state.total_steps - run.state.step
     n_evaluations = math.ceil(steps_left * run.schedule.evaluations_per_step())
-    eval_tokens = n_evaluations * run.plan["eval_batches"] * s.batch_size * run.block_size
+    eval_tokens = n_evaluations * run.plan["eval_batches"] * s.batch_size * run.sequence_length
     seconds = (steps_left * s.tokens_per_step + eval_tokens / 3) / tokens_per_s
     return (f"Speed: about {tokens_per_s:,.0f} tokens/s (one micro-batch timed): the plan of "
             f"{steps_left} steps takes about {clock(seconds)}")

@@ -23,19 +23,31 @@ block_size keys, itself included.
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from custom_llm.model import CONFIG_KEYS, LanguageModel, language_model_loss
 from custom_llm.sampling import Sampler, Settings
 
-CONFIG_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "block_size", "dropout")
+NAME = "windowed"          # the config's "architecture"
+# Sequences a training row holds, in windows of block_size (config["train_windows"]): several, so
+# that tokens late in a row see keys computed with their own earlier context, as in a reader that
+# runs on past the block (docs/windowed.md: train as it will be read).
+TRAIN_WINDOWS = 4
+# The export checks compare logits over this many windows in one pass (checks.py).
+CHECK_WINDOWS = 8
 DEFAULTS = {
     "rope_theta": 10000.0,   # rotary base; llama.cpp and transformers both read it from the export
     "norm_eps": 1e-5,        # every RMSNorm's epsilon
     "n_ff": None,            # MLP width; None: ffn_width(n_embd)
 }
+
+# Under CPU bfloat16 autocast, RMSNorm gets bfloat16 input and a float32 weight, and PyTorch warns
+# (once per process, on stderr) that it takes its unfused path: the result is right, the warning noise.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
 
 # The GGUF architecture and the transformers class that run this graph with a window on every layer.
 GGUF_ARCH = "olmo2"
@@ -211,12 +223,11 @@ class Block(nn.Module):
 
 # ------------------------------------------------------------------------------- model
 
-class WindowedModel(nn.Module):
+class WindowedModel(LanguageModel):
     def __init__(self, config: dict):
-        super().__init__()
+        super().__init__(config)
         config = full_config(config)
         self.config = config
-        self.block_size = config["block_size"]
         self.wte = nn.Embedding(config["vocab_size"], config["n_embd"])
         self.drop = nn.Dropout(config["dropout"])
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config["n_layer"]))
@@ -225,9 +236,6 @@ class WindowedModel(nn.Module):
         for p in self.parameters():
             if p.dim() == 2:   # matrices; the norms' weights start at 1
                 nn.init.normal_(p, mean=0.0, std=0.02)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
         """(logits (B, T, vocab), loss or None) for idx (B, T), T any length: each position sees
@@ -241,12 +249,7 @@ class WindowedModel(nn.Module):
         if kv_cache is not None:
             kv_cache.position += T
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            # Targets of -1 are context, not trained on (a chat's prompts: data.IGNORED).
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else language_model_loss(logits, targets)
 
     def new_cache(self) -> WindowCache:
         return WindowCache(self.block_size)
@@ -283,6 +286,9 @@ class WindowedModel(nn.Module):
             feed = torch.tensor(tokens, dtype=idx.dtype, device=idx.device)[:, None]
         self.train(was_training)
         return torch.cat((idx, torch.tensor(new, dtype=idx.dtype, device=idx.device).T), dim=1)
+
+
+Model = WindowedModel
 
 
 def count_parameters(config: dict) -> int:
@@ -428,8 +434,23 @@ def add_gguf_tensors(writer, model: WindowedModel, dtype: str = "F32") -> None:
     import numpy as np
     if dtype not in ("F32", "F16"):
         raise ValueError(f"dtype {dtype!r}: F32 or F16 (quantize the result with llama.cpp)")
+    _add_tensors(writer, model, np.float16 if dtype == "F16" else np.float32)
+
+
+def _add_tensors(writer, model: WindowedModel, matrix_type) -> None:
     for name, tensor in gguf_tensors(model).items():
         array = tensor.numpy()
-        if array.ndim == 2 and dtype == "F16":
-            array = array.astype(np.float16)
-        writer.add_tensor(name, array)
+        writer.add_tensor(name, array.astype(matrix_type) if array.ndim == 2 else array)
+
+
+def add_gguf_model(writer, model: WindowedModel, matrix_type, context_length: int = GGUF_CONTEXT) -> None:
+    """The architecture's metadata and tensors (the architecture interface, export.write_gguf):
+    matrices in matrix_type (numpy float32 or float16), vectors float32. The trained block is
+    recorded (gguf_keys.TRAINED_CONTEXT): inference reads the window from it."""
+    from custom_llm import gguf_keys
+    block = model.config["block_size"]
+    writer.add_description(f"Windowed model (OLMo 3's graph): rotary positions and attention to the last "
+                           f"{block} tokens on every layer, the same model at any length.")
+    add_gguf_metadata(writer, model.config, context_length)
+    writer.add_uint32(gguf_keys.TRAINED_CONTEXT, block)
+    _add_tensors(writer, model, matrix_type)

@@ -5,6 +5,7 @@ import os
 import pty
 import random
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -105,18 +106,56 @@ def text_file(tmp_path_factory):
     return path
 
 
+def run_pipeline(folder, model_args, train_args):
+    """llm_model.py, train_llm.py and convert_to_gguf.py in folder, each asserted to have
+    succeeded: {stage: its result}."""
+    results = {"config": run_script("llm_model.py", *model_args, cwd=folder),
+               "train": run_script("train_llm.py", *train_args, cwd=folder),
+               "convert": run_script("convert_to_gguf.py", cwd=folder)}
+    for name, result in results.items():
+        assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
+    return results
+
+
+def interrupted_run(folder, train_args, log_lines=2):
+    """train_llm.py started in folder and stopped with Ctrl-C (SIGINT) once its log has log_lines
+    lines; asserts it ended as an interrupted run does (exit 130). Its stderr."""
+    process = subprocess.Popen([sys.executable, str(REPO / "train_llm.py"), *map(str, train_args)], cwd=folder,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = Path(folder) / "training_log.jsonl", time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= log_lines):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    return err
+
+
+def assert_resume_ends_as_uninterrupted(tmp_path, model_args, plan):
+    """The same plan trained in two folders of tmp_path: once through, once stopped with Ctrl-C
+    and resumed; the final weights must agree. (the resumed folder, the checkpoint's step, the
+    resumed run's result)."""
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    for folder in (reference, interrupted):
+        folder.mkdir()
+        assert run_script("llm_model.py", *model_args, "-y", cwd=folder).returncode == 0
+    assert run_script("train_llm.py", *plan, cwd=reference).returncode == 0
+    interrupted_run(interrupted, plan)
+    step = torch.load(interrupted / "checkpoint.pth", weights_only=True)["step"]
+    resumed = run_script("train_llm.py", "--resume", cwd=interrupted)
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(interrupted / "trained_model.pth", weights_only=True)
+    expected = torch.load(reference / "trained_model.pth", weights_only=True)
+    assert all(torch.allclose(final[k], expected[k], atol=1e-5) for k in final)
+    return interrupted, step, resumed
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, text_file):
     """A folder where the whole pipeline ran once: config, tokenizer, trained model, exports."""
     folder = tmp_path_factory.mktemp("pipeline")
-    results = {}
-    results["config"] = run_script("llm_model.py", *TINY, "-y", cwd=folder)
-    results["train"] = run_script("train_llm.py", "--dataset_path", text_file, "--max_steps", "300",
-                                  "--learning_rate", "0.003", "--batch_size", "32", "-y", cwd=folder)
-    results["convert"] = run_script("convert_to_gguf.py", cwd=folder)
-    for name, result in results.items():
-        assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
-    return folder, results
+    return folder, run_pipeline(folder, [*TINY, "-y"], ["--dataset_path", text_file, "--max_steps", "300",
+                                                        "--learning_rate", "0.003", "--batch_size", "32", "-y"])
 
 
 class Terminal:

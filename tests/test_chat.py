@@ -5,14 +5,11 @@ GPT-2 folder), --minutes and --resume, and the exports' chat check against PyTor
 import json
 import random
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, one_line_error, run_script
+from conftest import TINY, assert_resume_ends_as_uninterrupted, one_line_error, run_pipeline, run_script
 from test_gpt2 import save_tiny_gpt2
 
 from custom_llm.chat_format import (CHAT_TEMPLATE, END_OF_TURN, TURN_START, ChatFormat, render, render_pieces,
@@ -66,13 +63,7 @@ def chat_file(tmp_path_factory):
 def chat_trained(tmp_path_factory, chat_file):
     """A tiny char-level chat model trained from scratch on the conversations, and exported."""
     folder = tmp_path_factory.mktemp("chat_model")
-    results = {"config": run_script("llm_model.py", *CHAT_TINY, "-y", cwd=folder),
-               "train": run_script("train_llm.py", "--dataset_path", chat_file, "--max_steps", 150, *QUICK,
-                                   cwd=folder),
-               "convert": run_script("convert_to_gguf.py", cwd=folder)}
-    for name, result in results.items():
-        assert result.returncode == 0, f"{name}: {result.stdout}\n{result.stderr}"
-    return folder, results
+    return folder, run_pipeline(folder, [*CHAT_TINY, "-y"], ["--dataset_path", chat_file, "--max_steps", 150, *QUICK])
 
 
 def assert_the_chat_check_passes(folder):
@@ -340,26 +331,7 @@ def test_a_gpt2_folder_fine_tuned_on_conversations(chat_file, tmp_path):
 def test_a_chat_run_stopped_and_resumed_ends_as_an_uninterrupted_one(chat_file, tmp_path):
     plan = ["--dataset_path", chat_file, "--max_steps", 60, "--seed", 3, "--dtype", "float32",
             "--optimizer", "adamw", "--eval_interval", 10, "--batch_size", "16", "--eval_batches", "2", "-y"]
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    for folder in (reference, interrupted):
-        folder.mkdir()
-        assert run_script("llm_model.py", *CHAT_TINY, "-y", cwd=folder).returncode == 0
-    assert run_script("train_llm.py", *plan, cwd=reference).returncode == 0
-    process = subprocess.Popen([sys.executable, str(REPO / "train_llm.py"), *map(str, plan)], cwd=interrupted,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = interrupted / "training_log.jsonl"
-    import time
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    resumed = run_script("train_llm.py", "--resume", cwd=interrupted)
-    assert resumed.returncode == 0, resumed.stderr
-    final = torch.load(interrupted / "trained_model.pth", weights_only=True)
-    expected = torch.load(reference / "trained_model.pth", weights_only=True)
-    assert all(torch.allclose(final[k], expected[k], atol=1e-5) for k in final)
+    assert_resume_ends_as_uninterrupted(tmp_path, CHAT_TINY, plan)
 
 
 def test_a_timed_chat_run_keeps_to_its_minutes(chat_file, tmp_path):
