@@ -56,6 +56,21 @@ def language_model_loss(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
+def samplers_for(idx, max_new_tokens, temperature, **sampling) -> list:
+    """One sampler (sampling.Sampler) per row of idx, each its own stream of draws, started on its
+    prompt. Without a seed, one is drawn from torch's generator, so torch.manual_seed makes the
+    result reproducible."""
+    settings = Settings(temperature=temperature, max_tokens=max_new_tokens, **sampling)
+    if settings.seed is None and temperature != 0:
+        settings.seed = int(torch.randint(2 ** 62, ()))
+    samplers = []
+    for row, prompt in enumerate(idx.tolist()):
+        row_seed = None if settings.seed is None else settings.seed + row
+        samplers.append(Sampler(dataclasses.replace(settings, seed=row_seed)))
+        samplers[-1].start(prompt)
+    return samplers
+
+
 class LanguageModel(nn.Module):
     """The base of every architecture's model: built from a plain config dict (CONFIG_KEYS and
     the architecture's own), forward(idx, targets=None, kv_cache=None) -> (logits, loss), and the
@@ -83,14 +98,7 @@ class LanguageModel(nn.Module):
         Without a seed, one is drawn from torch's generator, so torch.manual_seed makes the
         result reproducible. Keys and values of the window are cached, so each new token costs
         one position, not a pass over the whole window."""
-        settings = Settings(temperature=temperature, max_tokens=max_new_tokens, **sampling)
-        if settings.seed is None and temperature != 0:
-            settings.seed = int(torch.randint(2 ** 62, ()))
-        samplers = []
-        for row, prompt in enumerate(idx.tolist()):   # each row its own stream of draws
-            row_seed = None if settings.seed is None else settings.seed + row
-            samplers.append(Sampler(dataclasses.replace(settings, seed=row_seed)))
-            samplers[-1].start(prompt)
+        samplers = samplers_for(idx, max_new_tokens, temperature, **sampling)
         was_training = self.training
         self.eval()
         windows = [fit_prompt(row, self.block_size) for row in idx.tolist()]

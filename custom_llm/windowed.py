@@ -21,7 +21,6 @@ block_size keys, itself included.
 """
 
 import contextlib
-import dataclasses
 import math
 import warnings
 
@@ -29,8 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from custom_llm.model import CONFIG_KEYS, LanguageModel, language_model_loss
-from custom_llm.sampling import Sampler, Settings
+from custom_llm.model import CONFIG_KEYS, LanguageModel, language_model_loss, samplers_for
 
 NAME = "windowed"          # the config's "architecture"
 # Sequences a training row holds, in windows of block_size (config["train_windows"]): several, so
@@ -261,14 +259,7 @@ class WindowedModel(LanguageModel):
         repeat_penalty, repeat_last_n, seed. Without a seed, one is drawn from torch's generator,
         so torch.manual_seed makes the result reproducible. The prompt is read once, a window at
         a time; then each new token costs one position, however long the text grows."""
-        settings = Settings(temperature=temperature, max_tokens=max_new_tokens, **sampling)
-        if settings.seed is None and temperature != 0:
-            settings.seed = int(torch.randint(2 ** 62, ()))
-        samplers = []
-        for row, prompt in enumerate(idx.tolist()):   # each row its own stream of draws
-            row_seed = None if settings.seed is None else settings.seed + row
-            samplers.append(Sampler(dataclasses.replace(settings, seed=row_seed)))
-            samplers[-1].start(prompt)
+        samplers = samplers_for(idx, max_new_tokens, temperature, **sampling)
         if max_new_tokens <= 0:
             return idx
         if idx.size(1) == 0:

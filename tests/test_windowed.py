@@ -18,7 +18,8 @@ import torch
 
 from conftest import make_text
 from custom_llm import windowed
-from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, decode, encode, vocab_and_merges
+from custom_llm.export import add_gguf_tokenizer
+from custom_llm.tokenizer import END_OF_TEXT, build_char_tokenizer, decode, encode
 from custom_llm.windowed import (GGUF_ARCH, WindowedModel, add_gguf_metadata, add_gguf_tensors,
                                  count_parameters, gguf_layers, hf_model)
 
@@ -226,21 +227,11 @@ def write_gguf(path, model, tokenizer, writer_view=lambda w: w):
     BPE) tokenizer from the project's vocabulary and merges. writer_view lets a test change what
     the module writes (an older front end's view of the file)."""
     import gguf
-    tokens, merges, eot = vocab_and_merges(tokenizer)
     writer = gguf.GGUFWriter(str(path), arch=GGUF_ARCH)
     writer.add_name("windowed-test")
     add_gguf_metadata(writer_view(writer), model.config)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i == eot else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(eot)
-    writer.add_eos_token_id(eot)
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
+    add_gguf_tokenizer(writer, tokenizer, None)
     add_gguf_tensors(writer, model, "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
