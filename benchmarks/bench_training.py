@@ -3,12 +3,16 @@
     python benchmarks/bench_training.py --nanogpt /path/to/nanoGPT-checkout
     python benchmarks/bench_training.py --skip_nanogpt --reference_seconds 106 -- --learning_rate 0.002
     python benchmarks/bench_training.py --nanogpt DIR --same_time    # train_llm.py --minutes: nanoGPT's time
+    python benchmarks/bench_training.py --nanogpt DIR --architectures gpt2,windowed -- --minutes 10
 
 Both train the same model (4 layers, 4 heads, n_embd 128, block_size 64, dropout 0; 0.8M
 parameters) on the same text with the same 90/10 split, one after the other on this machine.
 Printed: wall time (from process start) to validation loss 1.886, validation loss reached within
 nanoGPT's total time, end-to-end training tokens/s, peak RSS, and the ratios.
-Arguments after `--` go to train_llm.py unchanged. With --same_time, train_llm.py gets only
+With --architectures, train_llm.py trains one model of each architecture (llm_model.py
+--architecture), one after the other, with the same arguments. A windowed model's validation
+loss is over its training rows (several windows: most tokens see a whole window before them), a
+GPT-2 model's over single windows. Arguments after `--` go to train_llm.py unchanged. With --same_time, train_llm.py gets only
 `--minutes`, set so that its process ends when nanoGPT's did (its wall time less this script's
 measure of train_llm.py's start-up and final save, STARTUP_SECONDS).
 """
@@ -70,11 +74,11 @@ def run_nanogpt(checkout, text, workdir):
     return {"wall": wall, "rss": rss, "evals": evals, "tokens": 2000 * 12 * 64}
 
 
-def run_ours(text, workdir, extra):
-    folder = os.path.join(workdir, "ours")
+def run_ours(text, workdir, extra, architecture="gpt2"):
+    folder = os.path.join(workdir, f"ours-{architecture}")
     os.makedirs(folder)
-    subprocess.run([sys.executable, os.path.join(REPO, "llm_model.py"), *MODEL, "-y"], cwd=folder,
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "llm_model.py"), *MODEL, "--architecture", architecture,
+                    "-y"], cwd=folder, check=True, capture_output=True)
     started = time.time()
     wall, rss, code, output = run_timed([sys.executable, os.path.join(REPO, "train_llm.py"),
                                          "--dataset_path", text, "-y", *extra], folder)
@@ -105,6 +109,8 @@ def main():
     parser.add_argument("--skip_nanogpt", action="store_true")
     parser.add_argument("--reference_seconds", type=float, default=106.0,
                         help="nanoGPT's time when it is not run here")
+    parser.add_argument("--architectures", default="gpt2",
+                        help="comma-separated: train one model of each with train_llm.py (default: %(default)s)")
     parser.add_argument("--same_time", action="store_true",
                         help="give train_llm.py --minutes matching nanoGPT's (or --reference_seconds) wall time")
     args, extra = parser.parse_known_args()
@@ -121,10 +127,11 @@ def main():
         if args.same_time:
             extra = ["--minutes", f"{(reference - STARTUP_SECONDS) / 60:.3f}", *extra]
             print(f"train_llm.py {' '.join(extra)}")
-        ours = run_ours(args.text, workdir, extra)
+        runs = {name: run_ours(args.text, workdir, extra, name) for name in args.architectures.split(",")}
+        ours = next(iter(runs.values()))
 
         rows = [("nanoGPT", nano)] if nano else []
-        rows.append(("train_llm.py", ours))
+        rows += [(f"ours {name}" if len(runs) > 1 else "train_llm.py", run) for name, run in runs.items()]
         print(f"\n{'':14}{'wall s':>8}{'to ' + str(TARGET_LOSS):>10}{'best val':>10}{'val @ ref':>11}"
               f"{'tokens/s':>10}{'peak RSS':>10}")
         for name, r in rows:
@@ -143,8 +150,9 @@ def main():
             print(f"end-to-end tokens/s: {ours['tokens'] / ours['wall']:,.0f} vs {nano['tokens'] / nano['wall']:,.0f} = "
                   f"{(ours['tokens'] / ours['wall']) / (nano['tokens'] / nano['wall']):.2f}x (goal >= 1.5x)")
         print(f"train_llm.py training-loop tokens/s: {ours['loop_tokens_per_s']:,.0f}")
-        for line in ours["summary"]:
-            print("  " + line)
+        for name, run in runs.items():
+            for line in run["summary"]:
+                print(f"  {name}: {line}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
