@@ -57,7 +57,17 @@ class ResourceUse:
 
 
 def peak_rss_bytes() -> int:
-    """The most memory this process has held at once (its peak resident set size)."""
+    """The most memory this process has held at once (its peak resident set size). On Linux it is
+    read from /proc (VmHWM, this program's own): getrusage's ru_maxrss keeps the peak of the
+    process it was started from (a fork carries it through exec), so a script started by a large
+    process (a test runner holding 0.67 GB) reported that as its own peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
