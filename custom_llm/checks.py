@@ -15,7 +15,7 @@ from custom_llm.corpus import find_documents, spec_exists
 from custom_llm.errors import UserError
 from custom_llm.evaluation import pytorch_logits
 from custom_llm.text_data import text_dataset
-from custom_llm.tokenizer import END_OF_TEXT, encode
+from custom_llm.tokenizer import encode
 
 # Strings on which Python and an export must agree id for id: empty, whitespace runs, \r\n, tabs,
 # emoji with joiners and skin tones, flags, combining marks, CJK, right-to-left scripts, NUL and
@@ -99,9 +99,7 @@ def check_greedy(export_format, path, model, tokenizer, prompt: list) -> dict:
     max(GREEDY_TOKENS, 2 blocks + 1) tokens or up to the end of text (or of a turn): n (tokens
     compared) and result (compare_answers: 'equal', 'near tie' or 'differ')."""
     n = max(GREEDY_TOKENS, 2 * model.config["block_size"] + 1)
-    template = template_of_config(model.config, tokenizer)
-    stops = end_ids(tokenizer, template) if template else {tokenizer.token_to_id(END_OF_TEXT)}
-    expected = greedy_answer(model, prompt, n, stops)
+    expected = greedy_answer(model, prompt, n, end_ids(tokenizer, template_of_config(model.config, tokenizer)))
     got = export_format.greedy_read_back(path, prompt, n)
     return {"n": len(expected), "result": compare_answers(model, prompt, expected, got, export_format.tolerance)}
 

@@ -152,6 +152,11 @@ def open_llama(path: str, n_ctx=None, n_threads=None, **params):
     rounds it up to a multiple of 256); n_threads: for decoding and prompts alike (default
     resources.llama_threads: chosen for the model and the free cores); params: Llama's others."""
     facts = check_gguf(path)
+    return load_checked(path, facts, n_ctx, n_threads, **params), facts
+
+
+def load_checked(path: str, facts: GGUFFacts, n_ctx=None, n_threads=None, **params):
+    """open_llama's Llama, for a file check_gguf has already read (its facts)."""
     threads = n_threads or llama_threads(path)
     from llama_cpp import Llama
     mark = llama_log.mark()
@@ -163,7 +168,7 @@ def open_llama(path: str, n_ctx=None, n_threads=None, **params):
             said = [line.strip() for line in llama_log.since(mark) if line.strip()]
             raise UserError(f"llama.cpp could not load {path}: {said[-1] if said else 'no reason given'}; "
                             "convert the model again with `python convert_to_gguf.py`") from None
-    return llm, facts
+    return llm
 
 
 def windowed_context(block_size: int, context_length: int) -> int:
@@ -187,8 +192,8 @@ class GGUFModel:
         if self.windowed:
             n_ctx = windowed_context(facts.trained_context, facts.context_length) if n_ctx is None else \
                 max(n_ctx, facts.trained_context)
-        self.llm, _ = open_llama(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=N_BATCH, logits_all=logits_all,
-                                 n_gpu_layers=-1 if use_gpu else 0)
+        self.llm = load_checked(path, facts, n_ctx=n_ctx, n_threads=n_threads, n_batch=N_BATCH,
+                                logits_all=logits_all, n_gpu_layers=-1 if use_gpu else 0)
         self.threads = self.llm.n_threads   # the rule and its reasons: resources.py
         self.block_size = facts.trained_context or self.llm._model.n_ctx_train()
         if self.llm.n_ctx() < self.block_size:
