@@ -125,7 +125,7 @@ def main():
     vocab = config["vocab_size"]
     config.update(architecture=args.architecture, tokenizer="char" if vocab == "char" else "bpe",
                   vocab_size=build_char_tokenizer([]).get_vocab_size() if vocab == "char" else vocab)
-    if windows > 1:   # a GPT-2 config stays as it was before there was a choice
+    if ARCHITECTURES[args.architecture].TRAIN_WINDOWS > 1:   # a GPT-2 config stays as it was before there was a choice
         config["train_windows"] = windows
     check_memory(config)
     save_config(config, args.output)

@@ -140,7 +140,8 @@ def train(args, processes):
     configure_torch(processes.device_type, plan["seed"] + processes.rank, processes.threads_per_process())
     dataset = start.load_dataset(setup, args.encoding, processes, say)
     if plan["batch_size"] == "auto":
-        plan["batch_size"] = auto_batch_size(precision, dataset.sequence_length, dataset.sparse_targets)
+        plan["batch_size"] = auto_batch_size(precision, dataset.sequence_length, config["block_size"],
+                                             dataset.sparse_targets)
     new_tokenizer = start.complete_config(setup, dataset, args.encoding)
     check_memory(config, fix="start from a smaller model (distilgpt2), or train on a machine with more memory"
                  if setup.start.kind == start.GPT2_FOLDER else None)

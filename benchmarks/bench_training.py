@@ -10,9 +10,16 @@ parameters) on the same text with the same 90/10 split, one after the other on t
 Printed: wall time (from process start) to validation loss 1.886, validation loss reached within
 nanoGPT's total time, end-to-end training tokens/s, peak RSS, and the ratios.
 With --architectures, train_llm.py trains one model of each architecture (llm_model.py
---architecture), one after the other, with the same arguments. A windowed model's validation
-loss is over its training rows (several windows: most tokens see a whole window before them), a
-GPT-2 model's over single windows. Arguments after `--` go to train_llm.py unchanged. With --same_time, train_llm.py gets only
+--architecture; `windowed:8` for rows of 8 windows), one after the other, with the same
+arguments. The logged validation loss is over each model's training rows: a windowed model's
+rows of several windows let most tokens see a whole window, GPT-2's rows of one window give a
+token 0 to block_size - 1 before it. So each trained model is then read again on one footing,
+the same EVAL_TOKENS held-out tokens for all (evaluate_footings):
+  one block   rows of block_size tokens, as nanoGPT evaluates (the footing of 1.886 and 1.47);
+  last block  every token with exactly its last block_size tokens (what a reader that slides a
+              window, or a windowed model at any length, gives a token);
+  one pass    windowed only: all the tokens in one pass, as llama.cpp reads a long text.
+Arguments after `--` go to train_llm.py unchanged. With --same_time, train_llm.py gets only
 `--minutes`, set so that its process ends when nanoGPT's did (its wall time less this script's
 measure of train_llm.py's start-up and final save, STARTUP_SECONDS).
 """
@@ -32,6 +39,7 @@ sys.path.insert(0, REPO)
 from custom_llm.precision import cpu_summary  # noqa: E402
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 TARGET_LOSS = 1.886
+EVAL_TOKENS = 8192  # held-out tokens each trained model is read again on (evaluate_footings)
 STARTUP_SECONDS = 5.0  # train_llm.py's imports, token cache and model set-up before its first step
 MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64", "--dropout", "0"]
 NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -74,11 +82,14 @@ def run_nanogpt(checkout, text, workdir):
     return {"wall": wall, "rss": rss, "evals": evals, "tokens": 2000 * 12 * 64}
 
 
-def run_ours(text, workdir, extra, architecture="gpt2"):
-    folder = os.path.join(workdir, f"ours-{architecture}")
+def run_ours(text, workdir, extra, name="gpt2"):
+    """name: an architecture, or windowed:N for rows of N windows."""
+    folder = os.path.join(workdir, f"ours-{name.replace(':', '-')}")
     os.makedirs(folder)
-    subprocess.run([sys.executable, os.path.join(REPO, "llm_model.py"), *MODEL, "--architecture", architecture,
-                    "-y"], cwd=folder, check=True, capture_output=True)
+    architecture, _, windows = name.partition(":")
+    shape = [*MODEL, "--architecture", architecture, *(["--train_windows", windows] if windows else [])]
+    subprocess.run([sys.executable, os.path.join(REPO, "llm_model.py"), *shape, "-y"], cwd=folder, check=True,
+                   capture_output=True)
     started = time.time()
     wall, rss, code, output = run_timed([sys.executable, os.path.join(REPO, "train_llm.py"),
                                          "--dataset_path", text, "-y", *extra], folder)
@@ -90,7 +101,43 @@ def run_ours(text, workdir, extra, architecture="gpt2"):
     match = re.search(r"(\d+) steps in ([\d.]+)s[^,]*, ([\d,]+) tokens/s", output)
     return {"wall": wall, "rss": rss, "evals": evals, "tokens": rows[-1]["tokens"],
             "loop_tokens_per_s": float(match.group(3).replace(",", "")) if match else None,
-            "summary": [line for line in output.splitlines() if line.startswith(("Training on", "Saved"))]}
+            "summary": [line for line in output.splitlines() if line.startswith(("Training on", "Saved"))],
+            "footings": evaluate_footings(folder)}
+
+
+def evaluate_footings(folder: str) -> dict:
+    """The trained model in folder read again on held-out tokens: mean loss on each footing of
+    the module's docstring ('one pass' for a windowed model only), of the same targets: up to
+    EVAL_TOKENS tokens, each with at least a block before it."""
+    import torch
+    from torch.nn import functional as F
+    from custom_llm.architectures import sequence_length
+    from custom_llm.checks import held_out_tokens
+    from custom_llm.files import load_config, load_trained_model
+    from custom_llm.tokenizer import load_tokenizer
+
+    config = load_config(os.path.join(folder, "model_config.pth"))
+    model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
+    held_out = held_out_tokens(None, config, load_tokenizer(os.path.join(folder, "tokenizer.json")))
+    tokens, block = torch.tensor(held_out.tokens), config["block_size"]
+    n = min(EVAL_TOKENS, len(tokens) - block - 1) // block * block
+    targets = tokens[block:block + n]            # target i follows input block - 1 + i
+
+    def loss_of(inputs, which, rows_at_once=256):
+        """Mean loss of the targets, from inputs (rows) and which (a slice) of each row's logits."""
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(inputs), rows_at_once):
+                logits = model(inputs[start:start + rows_at_once])[0][:, which].reshape(-1, model.config["vocab_size"])
+                row_targets = targets.view(len(inputs), -1)[start:start + rows_at_once].reshape(-1)
+                total += F.cross_entropy(logits.float(), row_targets, reduction="sum").item()
+        return total / n
+
+    found = {"one block": loss_of(tokens[block - 1:block - 1 + n].view(-1, block), slice(None)),
+             "last block": loss_of(tokens[:block + n - 1].unfold(0, block, 1), slice(-1, None))}
+    if sequence_length(config) > block:
+        found["one pass"] = loss_of(tokens[None, :block + n - 1], slice(block - 1, None), rows_at_once=1)
+    return found
 
 
 def time_to(evals, target):
@@ -139,6 +186,12 @@ def main():
             print(f"{name:14}{r['wall']:8.1f}{(f'{t:.1f}' if t else '-'):>10}"
                   f"{min(l for _, _, l in r['evals']):10.4f}{fmt(loss_within(r['evals'], reference)):>11}"
                   f"{r['tokens'] / r['wall']:10,.0f}{r['rss'] / 2**20:9.0f}M")
+        print(f"\nheld-out loss of the trained models, on one footing each column ({EVAL_TOKENS:,} tokens at most):")
+        print(f"{'':18}{'one block':>11}{'last block':>12}{'one pass':>10}")
+        for name, run in runs.items():
+            footing = run["footings"]
+            print(f"{name:18}" + "".join(f"{fmt(footing.get(column)):>{width}}" for column, width in
+                                         (("one block", 11), ("last block", 12), ("one pass", 10))))
         t_ours = time_to(ours["evals"], TARGET_LOSS)
         t_ref = time_to(nano["evals"], TARGET_LOSS) if nano else reference
         print(f"\nreference time (nanoGPT's total): {reference:.1f}s")

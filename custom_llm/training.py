@@ -144,19 +144,21 @@ def micro_batch_for(config: dict, batch_size: int, budget_bytes: float, bfloat16
     return max(fitting, default=1)
 
 
-def auto_batch_size(precision, sequence_length: int, sparse_targets: bool = False) -> int:
-    """Windows per step when the user leaves it to the machine. A short run learns most from many
+def auto_batch_size(precision, sequence_length: int, block_size: int, sparse_targets: bool = False) -> int:
+    """Rows per step when the user leaves it to the machine. A short run learns most from many
     steps, so a step should cost little: with fast bfloat16 64 windows cost about what 32 do in
     float32, and each is the best of 16 to 128 measured in a 36-second run of the benchmark model
     (validation loss 1.72 at 64 against 1.84 at 128 with bfloat16 on an AMD EPYC with AVX512-BF16;
-    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2). Those were windows
-    of 128 tokens: longer rows (GPT-2's 1024, a windowed model's several windows) take fewer, for
-    the same tokens per step, or one step of a pretrained model would take many minutes on a CPU. Conversations take 64 windows in
+    1.80 at 32 against 1.91 at 64 and 2.19 at 128 in float32 limited to AVX2). A step holds that
+    many windows' tokens, windows of block_size tokens but at most 128: a model of the same block
+    takes the same tokens per step whether its rows are one window (GPT-2's graph) or several (a
+    windowed model's), and GPT-2's 1024-token rows take 8 a step, or one step of a pretrained model
+    would take many minutes on a CPU. Conversations take 64 windows in
     either precision: only their answers are targets (about one position in ten), and 32 windows
     gave too few of them per step (benchmarks/bench_chat.py, 5 minutes in float32 limited to AVX2:
     64.0% of held-out questions answered exactly at 32 windows, 93.5% at 64)."""
     windows = 64 if precision.autocast or sparse_targets else 32
-    return max(1, min(windows, windows * 128 // sequence_length))
+    return max(1, windows * min(block_size, 128) // sequence_length)
 
 
 # ------------------------------------------------------------------ forward and backward

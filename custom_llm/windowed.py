@@ -83,13 +83,20 @@ def full_config(config: dict) -> dict:
 
 # --------------------------------------------------------------------------- positions
 
-def rotary(x, positions, theta: float):
-    """x (B, heads, T, head_dim) turned by each position's angles: dimension i is paired with
-    i + head_dim/2 (transformers' rotate_half, llama.cpp's NEOX rope)."""
-    half = x.size(-1) // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float32, device=x.device) / half))
+def rotary_angles(positions, head_dim: int, theta: float, device=None):
+    """(cos, sin), each (T, head_dim): the angles of each position, computed once per forward
+    pass and shared by every layer's queries and keys."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float32, device=device) / half))
     angles = positions.float()[:, None] * inv_freq[None, :]             # (T, half)
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)     # (T, head_dim)
+    return angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+
+
+def rotary(x, angles):
+    """x (B, heads, T, head_dim) turned by each position's angles (rotary_angles): dimension i is
+    paired with i + head_dim/2 (transformers' rotate_half, llama.cpp's NEOX rope)."""
+    cos, sin = angles
+    half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -104,19 +111,23 @@ def window_mask(query_positions, key_positions, window: int):
 def blocked_attention(q, k, v, window: int):
     """Windowed causal attention over a long sequence (no cache), in blocks of window queries,
     each against its own block and the one before it (2 x window keys): the cost grows with the
-    length, not with its square (half the time of one band mask over 8 windows, measured)."""
-    T = q.size(2)
+    length, not with its square. The blocks are folded into the batch, so the tensors stay 4-D
+    and PyTorch's fused CPU kernel runs them (a 5-D call fell back to its unfused path: a third
+    slower training on the benchmark model)."""
+    B, H, T, D = q.shape
     n = -(-T // window)                          # blocks; the last one is padded at the end
     pad = n * window - T
-    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (n, window))                      # (B, H, n, window, D)
-    k, v = (F.pad(t, (0, 0, window, pad)).unfold(2, 2 * window, window).transpose(-1, -2)
-            for t in (k, v))                     # (B, H, n, 2 window, D), a zero block before the first
-    query_positions = torch.arange(n * window, device=q.device).view(n, window)
-    key_positions = query_positions[:, :1] - window + torch.arange(2 * window, device=q.device)
-    distance = query_positions[:, :, None] - key_positions[:, None, :]
-    mask = (distance >= 0) & (distance < window) & (key_positions[:, None, :] >= 0)
+    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (n, window)).transpose(1, 2).flatten(0, 1)  # (B n, H, window, D)
+    k, v = (F.pad(t, (0, 0, window, pad)).unfold(2, 2 * window, window).permute(0, 2, 1, 4, 3).flatten(0, 1)
+            for t in (k, v))                     # (B n, H, 2 window, D), a zero block before the first
+    query_positions = torch.arange(window, device=q.device)[:, None] + window
+    key_positions = torch.arange(2 * window, device=q.device)[None, :]
+    distance = query_positions - key_positions
+    inside = (distance >= 0) & (distance < window)                         # every block but the first
+    first = inside & (key_positions >= window)                             # the first: no block before
+    mask = torch.stack((first, *[inside] * (n - 1))).repeat(B, 1, 1)[:, None]   # (B n, 1, window, 2 window)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.flatten(2, 3)[:, :, :T]
+    return y.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]
 
 
 class WindowCache:
@@ -157,7 +168,6 @@ class WindowedAttention(nn.Module):
         self.layer = layer                  # its place in a WindowCache
         self.n_head = config["n_head"]
         self.window = config["block_size"]
-        self.theta = config["rope_theta"]
         self.q = nn.Linear(C, C, bias=False)
         self.k = nn.Linear(C, C, bias=False)
         self.v = nn.Linear(C, C, bias=False)
@@ -165,12 +175,12 @@ class WindowedAttention(nn.Module):
         self.q_norm = nn.RMSNorm(C, eps=config["norm_eps"])
         self.k_norm = nn.RMSNorm(C, eps=config["norm_eps"])
 
-    def forward(self, x, start: int, kv_cache=None):
+    def forward(self, x, positions, angles, kv_cache=None):
+        """positions: (T,) of x's tokens; angles: rotary_angles of them."""
         B, T, C = x.shape
-        positions = torch.arange(start, start + T, device=x.device)
         q, k, v = self.q_norm(self.q(x)), self.k_norm(self.k(x)), self.v(x)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        q, k = rotary(q, angles), rotary(k, angles)
         if kv_cache is not None:
             k, v = kv_cache.extend(self.layer, k, v)
         past = k.size(2) - T
@@ -179,7 +189,8 @@ class WindowedAttention(nn.Module):
         mask, causal = None, past == 0 and T > 1
         if past + T > self.window or (past and T > 1):
             causal = False
-            mask = window_mask(positions, torch.arange(start - past, start + T, device=x.device), self.window)
+            key_positions = positions[0] - past + torch.arange(past + T, device=x.device)
+            mask = window_mask(positions, key_positions, self.window)
         # Under CPU bf16 autocast, attention runs in float32 (faster there, as in model.py). No
         # dropout on the attention weights (it would cost PyTorch's fused CPU kernel).
         cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -214,8 +225,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config["n_embd"], eps=config["norm_eps"])
         self.drop = nn.Dropout(config["dropout"])
 
-    def forward(self, x, start: int, kv_cache=None):
-        x = x + self.drop(self.attn_norm(self.attn(x, start, kv_cache)))
+    def forward(self, x, positions, angles, kv_cache=None):
+        x = x + self.drop(self.attn_norm(self.attn(x, positions, angles, kv_cache)))
         return x + self.drop(self.mlp_norm(self.mlp(x)))
 
 
@@ -241,9 +252,12 @@ class WindowedModel(LanguageModel):
         the cache has seen."""
         B, T = idx.shape
         start = kv_cache.position if kv_cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)
+        angles = rotary_angles(positions, self.config["n_embd"] // self.config["n_head"],
+                               self.config["rope_theta"], idx.device)
         x = self.drop(self.wte(idx))
         for block in self.h:
-            x = block(x, start, kv_cache)
+            x = block(x, positions, angles, kv_cache)
         if kv_cache is not None:
             kv_cache.position += T
         logits = self.lm_head(self.ln_f(x))

@@ -49,8 +49,10 @@ def test_the_architecture_is_a_flag_and_the_questions_keep_their_order(tmp_path)
     config = load_config(str(tmp_path / "model_config.pth"))
     assert (config["architecture"], config["train_windows"], config["n_embd"], config["block_size"]) == \
         ("windowed", 4, 64, 32)
-    assert run_script("llm_model.py", "--train_windows", "2", *WINDOWED, "-y", cwd=tmp_path).returncode == 0
-    assert load_config(str(tmp_path / "model_config.pth"))["train_windows"] == 2
+    for windows in (2, 1):   # 1 is saved too: the architecture's default would take its place
+        assert run_script("llm_model.py", "--train_windows", str(windows), *WINDOWED, "-y", cwd=tmp_path).returncode == 0
+        config = load_config(str(tmp_path / "model_config.pth"))
+        assert (config["train_windows"], sequence_length(config)) == (windows, windows * config["block_size"])
     gpt2 = run_script("llm_model.py", *TINY, "-y", cwd=tmp_path)
     assert gpt2.returncode == 0
     config = load_config(str(tmp_path / "model_config.pth"))
