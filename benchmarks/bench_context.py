@@ -17,6 +17,16 @@
 3. A conversation that outgrows the block: the held-out text is a play, a conversation of
    named speakers. Perplexity of the block_size tokens that follow a conversation of 1, 2, 4, 8
    and 16 blocks, read in one pass (the chosen rule) against the sliding window.
+4. The same model at any length (--parts any_length): held-out stretches of 8 blocks, each read
+   in one llama.cpp pass (llama-cpp-python's Llama at n_ctx 512, 2048, 4096 and 0, its other
+   settings its defaults: f16 cache) from the F32 GGUF; the mean loss of tokens 4 to 8 x block,
+   against the same tokens each read by PyTorch with only its last block before it (what
+   training taught). A windowed model should give the same in both; a GPT-2 model cannot.
+5. Memory (--parts memory): a child process opens the Q8_0 GGUF at n_ctx 4096 and reads 8
+   blocks of text, with llama-cpp-python's cache for windowed layers (swa_full: the whole
+   context) and with llama.cpp's tools' (the window only): llama.cpp's own account of its
+   caches and the process's peak RSS.
+With --architecture windowed the demo model trained first is the windowed one.
 Every figure is printed beside the CPU it was measured on.
 """
 
@@ -57,7 +67,7 @@ def prepare(args) -> str:
         subprocess.run([sys.executable, *map(str, cmd)], cwd=folder, check=True, stdout=subprocess.DEVNULL)
 
     if not os.path.exists(os.path.join(folder, "trained_model.pth")):
-        stage(os.path.join(REPO, "llm_model.py"), "-y", *DEMO_SHAPE)
+        stage(os.path.join(REPO, "llm_model.py"), "-y", *DEMO_SHAPE, "--architecture", args.architecture)
         stage(os.path.join(REPO, "train_llm.py"), "-y", "--dataset_path", os.path.abspath(args.text),
               "--minutes", args.minutes)
     return folder
@@ -211,6 +221,83 @@ def conversation(model, tokenizer, folder, block, eval_tokens, args):
               f"{perplexity(np.stack(slid)):.3f} | {len(starts)} |", flush=True)
 
 
+# ------------------------------------------------------------------ 4. the same model at any length
+
+def any_length(folder, model, tokenizer, block, eval_tokens, args):
+    config = model.config
+    print(f"\n## 4. Tokens 4 to 8 x block: one llama.cpp pass against each with its last block "
+          f"({config.get('architecture', 'gpt2')}, block_size {block}; CPU: {CPU})\n")
+    path = os.path.join(folder, "bench-context.any-length.F32.gguf")
+    write_gguf_atomic(model, tokenizer, path, "F32")
+    length = 8 * block
+    stretches = [eval_tokens[i:i + length + 1] for i in range(0, len(eval_tokens) - length, length + 1)]
+    stretches = stretches[:max(1, args.eval_tokens // length)]
+    scored = slice(4 * block - 1, length)            # the nll of targets 4 x block .. 8 x block
+
+    def last_block_nll(tokens):
+        windows = torch.tensor(tokens[:length]).unfold(0, block, 1)[scored.start - block + 1:]  # end at 4b-1 .. 8b-1
+        with torch.no_grad():
+            logits = model(windows)[0][:, -1].numpy()
+        return -log_probs(logits)[np.arange(len(windows)), tokens[scored.start + 1:length + 1]]
+
+    reference = np.concatenate([last_block_nll(t) for t in stretches]).mean()
+    rows = [("PyTorch, each token with its last block (as trained)", reference)]
+    if config.get("architecture") == "windowed":
+        with torch.no_grad():
+            one = [-log_probs(model(torch.tensor([t[:length]]))[0][0].numpy())[np.arange(length), t[1:]][scored]
+                   for t in stretches]
+        rows.append(("PyTorch, one pass", np.concatenate(one).mean()))
+    for n_ctx in (512, 2048, 4096, 0):
+        llm = load_llama(path, n_ctx)
+        nll = np.concatenate([one_pass_nll(llm, t)[scored] for t in stretches]).mean()
+        rows.append((f"llama.cpp, one pass, n_ctx {n_ctx}{' (the file: ' + str(llm.n_ctx()) + ')' if n_ctx == 0 else ''}",
+                     nll))
+        del llm
+    print(f"{len(stretches)} stretches of {length} held-out tokens; mean loss of the {len(stretches) * 4 * block:,} "
+          f"tokens from position {4 * block} to {length}.\n")
+    print("| reader | mean loss | against each with its last block |")
+    print("|---|---:|---:|")
+    for name, loss in rows:
+        print(f"| {name} | {loss:.4f} | {100 * (loss / reference - 1):+.1f}% |")
+
+
+# ------------------------------------------------------------------------------- 5. memory
+
+MEMORY_CHILD = r"""
+import json, sys, psutil, llama_cpp
+from custom_llm.runtime import llama_log, no_weight_repacking
+path, swa_full, n_tokens = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+mark = llama_log.mark()
+with no_weight_repacking():
+    llm = llama_cpp.Llama(model_path=path, n_ctx=4096, swa_full=swa_full, verbose=True)
+llm.eval([1 + i % 50 for i in range(n_tokens)])
+said = [line.strip() for line in llama_log.since(mark) if "MiB" in line and ("cache" in line or "buffer size" in line)]
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"said": said, "peak": peak}))
+"""
+
+
+def memory(folder, model, tokenizer, block, args):
+    print(f"\n## 5. Memory at n_ctx 4096 ({model.config.get('architecture', 'gpt2')}, block_size {block}, "
+          f"{model.num_parameters() / 1e6:.2f}M parameters; CPU: {CPU})\n")
+    f32 = os.path.join(folder, "bench-context.memory.F32.gguf")
+    write_gguf_atomic(model, tokenizer, f32, "F32")
+    path = f32.replace(".F32.", ".Q8_0.")
+    quantize_atomic(f32, path, "Q8_0")
+    print(f"Q8_0 GGUF: {os.path.getsize(path) / 2**20:.1f} MiB; read {8 * block} tokens\n")
+    print("| cache of windowed layers | peak RSS | llama.cpp's caches and buffers |")
+    print("|---|---:|---|")
+    for swa_full, label in ((True, "whole context (llama-cpp-python's default, swa_full)"),
+                            (False, "the window (llama.cpp's tools' default)")):
+        result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, path, "1" if swa_full else "0", str(8 * block)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            print(f"| {label} | failed: {result.stderr.strip().splitlines()[-1:]} | |")
+            continue
+        found = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"| {label} | {found['peak'] / 2**20:.0f} MiB | {'; '.join(found['said'])} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="a folder where the pipeline ran (default: train the demo shape)")
@@ -219,7 +306,10 @@ def main():
     parser.add_argument("--eval_tokens", type=int, default=32768, help="held-out tokens per window length")
     parser.add_argument("--conversations", type=int, default=24, help="samples per conversation length")
     parser.add_argument("--parts", default="front_ends,quality,conversation",
-                        help="which parts to run, comma-separated")
+                        help="which parts to run, comma-separated: front_ends, quality, conversation, "
+                             "any_length, memory")
+    parser.add_argument("--architecture", default="gpt2", choices=["gpt2", "windowed"],
+                        help="the demo model's when trained here (llm_model.py --architecture)")
     args = parser.parse_args()
 
     folder = prepare(args)
@@ -240,6 +330,10 @@ def main():
         quality(folder, model, tokenizer, block, eval_tokens, args)
     if "conversation" in parts:
         conversation(model, tokenizer, folder, block, eval_tokens, args)
+    if "any_length" in parts:
+        any_length(folder, model, tokenizer, block, eval_tokens, args)
+    if "memory" in parts:
+        memory(folder, model, tokenizer, block, args)
 
 
 if __name__ == "__main__":

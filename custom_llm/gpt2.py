@@ -23,6 +23,10 @@ GGUF_ARCH = "gpt2"         # llama.cpp's architecture name
 LAYER_NORM_EPS = 1e-5      # torch's default, and GPT-2's layer_norm_epsilon
 TRAIN_WINDOWS = 1          # learned positions end at the block: a training row is one block
 CHECK_WINDOWS = 1          # and so is the export checks' pass
+# Bytes the backward pass keeps per token, per layer and per unit of n_embd (memory.py), float32
+# and bfloat16 autocast: peak RSS of short runs on a CPU, attention in PyTorch's fused kernel
+# (tests/test_training.py checks the estimate against a real run).
+ACTIVATION_BYTES = {False: 90, True: 68}
 
 
 # ------------------------------------------------------------------ the graph

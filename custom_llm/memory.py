@@ -2,13 +2,11 @@
 so a model that cannot fit is refused at once and a batch that does not fit is split (training.py)."""
 
 from custom_llm.errors import UserError
-from custom_llm.architectures import sequence_length
+from custom_llm.architectures import architecture_of, sequence_length
 from custom_llm.model import count_parameters
 
-# Bytes the backward pass keeps per token, per layer and per unit of n_embd, measured on a CPU with
-# attention in PyTorch's fused kernel (peak RSS of short runs; tests/test_training.py checks the
-# estimate against a real run): float32, and bfloat16 autocast.
-ACTIVATION_BYTES = {False: 90, True: 68}
+# The bytes the backward pass keeps per token, per layer and per unit of n_embd are each
+# architecture's (its ACTIVATION_BYTES: float32, and bfloat16 autocast).
 LOGIT_BYTES = 16               # per token and vocabulary entry: logits, their softmax and gradient
 WORKSPACE_BYTES = 100 * 2**20  # the allocator's and the kernels' own, beyond what is counted here
 
@@ -22,7 +20,7 @@ def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, ba
     import psutil
     T, C, L, V = sequence_length(config), config["n_embd"], config["n_layer"], config["vocab_size"]
     base = psutil.Process().memory_info().rss if base_bytes is None else base_bytes
-    activations = windows * T * (L * C * ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
+    activations = windows * T * (L * C * architecture_of(config).ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
     return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations
 
 
