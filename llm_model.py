@@ -3,15 +3,15 @@
     python llm_model.py                 # answer the questions
     python llm_model.py --n_layer 4 -y  # flags for some, defaults for the rest
     printf '5000\n64\n4\n2\n64\n0.0\n' | python llm_model.py   # piped answers, in the questions' order
-    python llm_model.py --architecture windowed   # rotary positions, a window on every layer
+    python llm_model.py --architecture gpt2       # GPT-2's graph: learned positions, exact within its block
 
 The first question is the vocabulary: a number is a BPE of that many tokens, learned from your
 text by train_llm.py; `char` is one token per character of it. Every answer is checked here, so a
 shape that cannot train is refused now, with its reason, not later in training. The model itself
-is an architecture module (custom_llm/architectures.py), chosen with --architecture: gpt2 (learned
-positions, a context of block_size) or windowed (docs/windowed.md: rotary positions and a window of
-block_size tokens on every layer, the same model at any length, trained on rows of --train_windows
-windows). `from llm_model import build_model` makes the model a saved config describes.
+is an architecture module (custom_llm/architectures.py), chosen with --architecture: windowed, the
+default (docs/windowed.md: rotary positions and a window of block_size tokens on every layer, the
+same model at any length in every reader, trained on rows of --train_windows windows), or gpt2
+(learned positions: the exported model is exact within block_size tokens only). `from llm_model import build_model` makes the model a saved config describes.
 """
 
 from custom_llm import windowed

@@ -6,6 +6,8 @@ the F16 and Q4_0 GGUFs, after a few minutes of training.
     python benchmarks/bench_chat.py --tasks add        # two-digit addition on its own
     python benchmarks/bench_chat.py --workdir DIR      # score again a folder kept with --keep (same flags)
     python benchmarks/bench_chat.py --write_data chats.jsonl   # only the training conversations
+    python benchmarks/bench_chat.py --turns 10 --architecture gpt2   # conversations of 1 to 10 turns;
+                                                       # exact match by turn number (below)
 
 The conversations are made here, from a seed, so that every answer can be scored exactly:
 
@@ -36,6 +38,19 @@ match: the answer's text, up to its end-of-turn token, equals the expected text 
 at both ends is stripped. Ended: the answer ended with the end-of-turn token within the limit.
 Same answer as PyTorch: the two answer texts are equal, unstripped. Every figure is printed
 beside the CPU it was measured on.
+
+With --turns N (N > 1), the training conversations hold 1 to N questions each (as many of each
+count), each answered, and the held-out set is --conversations conversations of exactly N turns,
+every turn about a held-out word, each drawn until it fits llama-cpp-python's default context of
+LLAMA_DEFAULT_CONTEXT tokens with ANSWER_ROOM to spare (with the expected answers; a model's own
+answers may be longer). Each conversation is then held as a user holds one: the questions asked
+one by one, each reader's own earlier answers kept in the conversation, by three readers:
+  PyTorch                   the trained model's generate(), greedy, the conversation so far as prompt;
+  create_chat_completion    llama-cpp-python's Llama(model_path) at its defaults (n_ctx 512, f16
+                            cache) on model.gguf (F16), temperature 0, in a child process;
+  inference_gguf.py --chat  the script, its questions piped in, --temperature 0 --json.
+Printed: exact match by turn number for each, and the prompt's length in tokens at that turn,
+so where the block is passed shows.
 """
 
 import argparse
@@ -73,6 +88,7 @@ SYSTEM_MESSAGES = ["Answer with the result only.", "You are a patient tutor. Rep
 SYSTEM_SHARE = 0.2           # conversations that open with a system message
 EARLIER_SHARE = 0.15         # conversations whose question follows an earlier question and its answer
 ANSWER_ROOM = 24             # a held-out question leaves at least this many tokens of the block to answer in
+LLAMA_DEFAULT_CONTEXT = 512  # llama_cpp.Llama's n_ctx when none is given (llama-cpp-python 0.3.36)
 
 
 def made_up_word(rng: random.Random) -> str:
@@ -177,6 +193,47 @@ def build_sets(seed: int, n_train: int, n_eval: int, tasks, block_size: int):
     return training, held_out
 
 
+def questions_of(n_turns: int, item_for, tasks, rng: random.Random) -> list:
+    """n_turns questions as [(task, question, expected answer)], item_for(task) giving each one's item."""
+    asked = []
+    for _ in range(n_turns):
+        task = rng.choice(tasks)
+        item = item_for(task)
+        asked.append((task, ask(task, item, rng), answer_for(task, item)))
+    return asked
+
+
+def as_messages(asked: list) -> list:
+    """Questions and their expected answers as a conversation's messages."""
+    return [message for _, question, answer in asked
+            for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]
+
+
+def build_turn_sets(seed: int, n_train: int, n_conversations: int, turns: int, tasks):
+    """--turns: (training conversations of 1 to `turns` questions, as many of each count;
+    held-out conversations of exactly `turns` questions, each a questions_of list). The held-out
+    words are drawn first and kept out of training, as in build_sets; a held-out conversation is
+    drawn again until it fits LLAMA_DEFAULT_CONTEXT with ANSWER_ROOM to spare."""
+    rng = random.Random(seed)
+    word_tasks = [t for t in tasks if t in WORD_TASKS]
+    if not word_tasks:
+        raise SystemExit("--turns asks about words: give --tasks with spell or reverse")
+    items = Items(rng, 4 * n_conversations * turns, 0)   # spare words for conversations drawn again
+    unused_words = iter(items.held_words)
+    held_out = []
+    while len(held_out) < n_conversations:
+        asked = questions_of(turns, lambda task: next(unused_words), word_tasks, rng)
+        if n_tokens(as_messages(asked)[:-1], True) + ANSWER_ROOM <= LLAMA_DEFAULT_CONTEXT:
+            held_out.append(asked)
+    training = []
+    for i in range(n_train):
+        messages = as_messages(questions_of(1 + i % turns, items.training_item, tasks, rng))
+        if rng.random() < SYSTEM_SHARE:
+            messages = [{"role": "system", "content": rng.choice(SYSTEM_MESSAGES)}] + messages
+        training.append(messages)
+    return training, held_out
+
+
 def write_jsonl(path: str, conversations: list) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for messages in conversations:
@@ -188,7 +245,8 @@ def write_jsonl(path: str, conversations: list) -> None:
 def run_stages(folder: str, args) -> float:
     """llm_model.py, train_llm.py and convert_to_gguf.py in folder; training's wall time in seconds."""
     shape = ["--n_embd", args.n_embd, "--n_head", args.n_head, "--n_layer", args.n_layer,
-             "--block_size", args.block_size, "--dropout", args.dropout]
+             "--block_size", args.block_size, "--dropout", args.dropout,
+             *(["--architecture", args.architecture] if args.architecture else [])]
     stages = [("llm_model.py", ["-y", *shape]),
               ("train_llm.py", ["-y", "--dataset_path", "train.jsonl", "--minutes", args.minutes,
                                 *shlex.split(args.train_flags)]),
@@ -268,6 +326,116 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
             "parameters": model.num_parameters(), "budgets": budgets}
 
 
+# llama-cpp-python as a user of it holds a conversation: Llama at its defaults, the file's chat
+# template, create_chat_completion greedy, each answer kept. Run in a child process (no torch).
+LLAMA_CHILD = r"""
+import json, sys, llama_cpp
+path, max_tokens = sys.argv[1], int(sys.argv[2])
+llm = llama_cpp.Llama(model_path=path, verbose=False)
+answers = []
+for questions in json.load(sys.stdin):
+    messages, said = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        text = llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                          temperature=0)["choices"][0]["message"]["content"] or ""
+        messages.append({"role": "assistant", "content": text})
+        said.append(text)
+    answers.append(said)
+print(json.dumps({"answers": answers, "n_ctx": llm.n_ctx()}))
+"""
+
+
+def converse_in_llama(path: str, conversations: list, max_tokens: int):
+    questions = [[question for _, question, _ in asked] for asked in conversations]
+    result = subprocess.run([sys.executable, "-c", LLAMA_CHILD, path, str(max_tokens)], input=json.dumps(questions),
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"create_chat_completion failed: {result.stderr.strip()[-600:]}")
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    return found["answers"], found["n_ctx"]
+
+
+def converse_in_script(folder: str, conversations: list, max_tokens: int) -> list:
+    """inference_gguf.py --chat, each conversation's questions piped in, one JSON object per answer."""
+    answers = []
+    for asked in conversations:
+        result = subprocess.run([sys.executable, os.path.join(REPO, "inference_gguf.py"), "--chat", "--json",
+                                 "--temperature", "0", "--max_tokens", str(max_tokens)], cwd=folder,
+                                input="".join(question + "\n" for _, question, _ in asked),
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"inference_gguf.py --chat failed: {result.stderr.strip()[-600:]}")
+        answers.append([json.loads(line)["text"] for line in result.stdout.splitlines() if line.strip()])
+    return answers
+
+
+def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
+    """--turns: each reader's answers, [[text of each turn] of each conversation], its own earlier
+    answers kept in the conversation; and the PyTorch prompts' lengths by turn."""
+    from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
+    from custom_llm.checks import greedy_answer
+    from custom_llm.files import load_config, load_trained_model
+    from custom_llm.tokenizer import decode, load_tokenizer
+
+    config = load_config(os.path.join(folder, "model_config.pth"))
+    tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    model = load_trained_model(os.path.join(folder, "trained_model.pth"), config)
+    template = template_of_config(config, tokenizer)
+    chat = ChatFormat(tokenizer, template)
+    answer_ends = end_ids(tokenizer, template)
+    answers, lengths, timings = {"PyTorch": []}, [], {}
+    started = time.time()
+    for asked in conversations:
+        messages, said, sizes = [], [], []
+        for _, question, _ in asked:
+            messages.append({"role": "user", "content": question})
+            prompt = chat.encode(messages, add_generation_prompt=True)[0].tolist()
+            ids = greedy_answer(model, prompt, max_tokens, answer_ends)
+            while ids and ids[-1] in answer_ends:
+                ids = ids[:-1]
+            said.append(decode(tokenizer, ids))
+            sizes.append(len(prompt))
+            messages.append({"role": "assistant", "content": said[-1]})
+        answers["PyTorch"].append(said)
+        lengths.append(sizes)
+    timings["PyTorch"] = time.time() - started
+    started = time.time()
+    answers["create_chat_completion"], n_ctx = converse_in_llama(os.path.join(folder, "model.gguf"), conversations,
+                                                                 max_tokens)
+    timings["create_chat_completion"] = time.time() - started
+    started = time.time()
+    answers["inference_gguf.py --chat"] = converse_in_script(folder, conversations, max_tokens)
+    timings["inference_gguf.py --chat"] = time.time() - started
+    return {"answers": answers, "lengths": lengths, "timings": timings, "config": config, "n_ctx": n_ctx,
+            "parameters": model.num_parameters()}
+
+
+def report_turns(conversations: list, scored: dict, cpu: str) -> None:
+    config, answers = scored["config"], scored["answers"]
+    turns, n = len(conversations[0]), len(conversations)
+    print(f"\n## Exact match by turn number: {n} held-out conversations of {turns} questions, greedy, "
+          f"each reader's own answers kept ({config.get('architecture', 'gpt2')}, block_size "
+          f"{config['block_size']}; create_chat_completion's n_ctx {scored['n_ctx']}; CPU: {cpu})\n")
+    print("| turn | prompt tokens (PyTorch, mean) | " + " | ".join(answers) + " |")
+    print("|---:|---:|" + "---:|" * len(answers))
+    for turn in range(turns):
+        mean_length = sum(sizes[turn] for sizes in scored["lengths"]) / n
+        cells = [percent(sum(said[i][turn].strip() == conversations[i][turn][2] if turn < len(said[i]) else False
+                             for i in range(n)), n) for said in (answers[name] for name in answers)]
+        print(f"| {turn + 1} | {mean_length:.0f} | " + " | ".join(cells) + " |")
+    total = [percent(sum(said[i][t].strip() == conversations[i][t][2] for i in range(n) for t in range(turns)
+                         if t < len(said[i])), n * turns) for said in answers.values()]
+    print(f"| all | | " + " | ".join(total) + " |")
+    print("\nseconds to hold every conversation: "
+          + ", ".join(f"{name} {seconds:.1f}" for name, seconds in scored["timings"].items()))
+    first = conversations[0]
+    print(f"\nThe first conversation ({cpu}):")
+    for turn, (_, question, expected) in enumerate(first):
+        print(f"  {turn + 1}. {question!r} -> expected {expected!r}; "
+              + "; ".join(f"{name} {said[0][turn]!r}" for name, said in answers.items() if turn < len(said[0])))
+
+
 def percent(part, whole) -> str:
     return f"{100 * part / max(1, whole):.1f}"
 
@@ -323,6 +491,42 @@ def report(held_out: list, scored: dict, cpu: str) -> None:
 
 # ------------------------------------------------------------------------------ main
 
+def turn_run(folder: str, training: list, held_out: list, args, cpu: str) -> None:
+    """--turns: train on conversations of 1 to TURNS questions, then hold the held-out ones turn by turn."""
+    lengths = [n_tokens(as_messages(asked)) for asked in held_out]
+    print(f"folder: {folder}\ndata: {len(training):,} training conversations of 1 to {args.turns} questions "
+          f"(seed {args.seed}); {len(held_out)} held-out conversations of {args.turns} questions on words not "
+          f"in them, {min(lengths)} to {max(lengths)} tokens with the expected answers\n")
+    train_seconds = None
+    if not args.workdir:
+        write_jsonl(os.path.join(folder, "train.jsonl"), training)
+        train_seconds = run_stages(folder, args)
+    scored = score_turns(folder, held_out, args.max_tokens)
+    describe_training(folder, scored, train_seconds, cpu)
+    report_turns(held_out, scored, cpu)
+    if not args.keep and not args.workdir:
+        subprocess.run(["rm", "-rf", folder])
+
+
+def describe_training(folder: str, scored: dict, train_seconds, cpu: str) -> None:
+    summary = training_summary(folder)
+    config = scored["config"]
+    rows = summary["rows"]
+    last = rows[-1] if rows else {}
+    val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
+    print(f"\n## Training (CPU: {cpu})\n")
+    print(f"model: {scored['parameters'] / 1e6:.2f}M parameters, {config.get('architecture', 'gpt2')}, n_layer "
+          f"{config['n_layer']}, n_head {config['n_head']}, n_embd {config['n_embd']}, block_size "
+          f"{config['block_size']}, vocab_size {config['vocab_size']}")
+    if summary["described"]:
+        print(summary["described"])
+    print(f"steps: {last.get('step', '?')} in {last.get('elapsed_s', 0) / 60:.2f} min of training, "
+          f"{last.get('tokens_per_s', 0):,} tokens/s"
+          + (f" (train_llm.py's wall time, reading the data too: {train_seconds / 60:.2f} min)"
+             if train_seconds else "")
+          + (f"; final validation loss {val[-1]:.4f} per answer token (best {min(val):.4f})" if val else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=4, help="training time (train_llm.py --minutes)")
@@ -340,6 +544,13 @@ def main():
     parser.add_argument("--n_layer", type=int, default=4, help="llm_model.py --n_layer")
     parser.add_argument("--block_size", type=int, default=128, help="llm_model.py --block_size")
     parser.add_argument("--dropout", type=float, default=0, help="llm_model.py --dropout")
+    parser.add_argument("--architecture", choices=["windowed", "gpt2"], default=None,
+                        help="llm_model.py --architecture (default: llm_model.py's)")
+    parser.add_argument("--turns", type=int, default=1,
+                        help="questions per conversation: above 1, training conversations hold 1 to TURNS and "
+                             "the held-out ones TURNS, scored by turn number")
+    parser.add_argument("--conversations", type=int, default=40,
+                        help="held-out conversations with --turns (each of TURNS questions)")
     parser.add_argument("--write_data", metavar="PATH",
                         help="only write the training conversations to PATH (.jsonl), to try the chat stages by hand")
     parser.add_argument("--train_flags", default="", help="more train_llm.py flags, e.g. '--batch_size 64'")
@@ -351,9 +562,14 @@ def main():
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         parser.error(f"--tasks: {', '.join(unknown) or 'none given'}; choose from {', '.join(TASKS)}")
+    if args.turns < 1:
+        parser.error(f"--turns {args.turns}: give 1 or more")
 
+    if args.turns > 1:
+        training, held_out = build_turn_sets(args.seed, args.n_train, args.conversations, args.turns, tasks)
+    else:
+        training, held_out = build_sets(args.seed, args.n_train, args.n_eval, tasks, args.block_size)
     if args.write_data:
-        training, _ = build_sets(args.seed, args.n_train, args.n_eval, tasks, args.block_size)
         write_jsonl(args.write_data, training)
         print(f"wrote {len(training):,} conversations to {args.write_data}")
         return
@@ -362,8 +578,10 @@ def main():
                             text=True).stdout.strip()
     print(f"CPU: {cpu}\ndate: {datetime.date.today()}; commit {commit}")
     print(f"command: python benchmarks/bench_chat.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
-    training, held_out = build_sets(args.seed, args.n_train, args.n_eval, tasks, args.block_size)
     folder = args.workdir or tempfile.mkdtemp(prefix="bench-chat-")
+    if args.turns > 1:
+        turn_run(folder, training, held_out, args, cpu)
+        return
     about = " and ".join(kind for kind, asked in (("words", set(tasks) & set(WORD_TASKS)),
                                                    ("number pairs", "add" in tasks)) if asked)
     print(f"folder: {folder}\ndata: {len(training):,} training conversations of tasks {', '.join(tasks)} "
@@ -375,23 +593,8 @@ def main():
         write_jsonl(os.path.join(folder, "train.jsonl"), training)
         train_seconds = run_stages(folder, args)
 
-    summary = training_summary(folder)
     scored = score(folder, held_out, args.max_tokens)
-    config = scored["config"]
-    rows = summary["rows"]
-    last = rows[-1] if rows else {}
-    val = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
-    print(f"\n## Training (CPU: {cpu})\n")
-    print(f"model: {scored['parameters'] / 1e6:.2f}M parameters, n_layer {config['n_layer']}, n_head "
-          f"{config['n_head']}, n_embd {config['n_embd']}, block_size {config['block_size']}, "
-          f"vocab_size {config['vocab_size']}")
-    if summary["described"]:
-        print(summary["described"])
-    print(f"steps: {last.get('step', '?')} in {last.get('elapsed_s', 0) / 60:.2f} min of training, "
-          f"{last.get('tokens_per_s', 0):,} tokens/s"
-          + (f" (train_llm.py's wall time, reading the data too: {train_seconds / 60:.2f} min)"
-             if train_seconds else "")
-          + (f"; final validation loss {val[-1]:.4f} per answer token (best {min(val):.4f})" if val else ""))
+    describe_training(folder, scored, train_seconds, cpu)
     report(held_out, scored, cpu)
     if not args.keep and not args.workdir:
         subprocess.run(["rm", "-rf", folder])

@@ -17,7 +17,9 @@ Each module provides:
 from custom_llm import gpt2, windowed
 
 ARCHITECTURES = {module.NAME: module for module in [gpt2, windowed]}
-DEFAULT = gpt2.NAME
+# What llm_model.py makes unless told: the model that is the same at any length in every reader
+# (docs/windowed.md). Configs without an "architecture" key stay GPT-2's (architecture_of).
+DEFAULT = windowed.NAME
 
 
 def architecture_of(config: dict):

@@ -24,6 +24,7 @@ from custom_llm.tokenizer import END_OF_TEXT, encode, load_tokenizer  # noqa: E4
 
 # A tiny model shape that trains in seconds on 2 cores.
 TINY = ["--n_embd", "64", "--n_head", "4", "--n_layer", "2", "--block_size", "32", "--dropout", "0"]
+GPT2 = ["--architecture", "gpt2"]
 
 
 def prepare(spec, encoding="utf-8", tokenizer=None):
@@ -91,8 +92,8 @@ def assert_same_greedy_text(folder, prompt, n, gguf="model.gguf"):
     tokenizer, expected = pytorch_greedy_tokens(folder, prompt, n)
     got, text, stop_reason = gguf_greedy(folder, prompt, n, gguf)
     eot = tokenizer.token_to_id(END_OF_TEXT)
-    if eot in expected:
-        expected = expected[:expected.index(eot) + 1]
+    if eot in expected:   # inference stops there and reports the tokens before it
+        expected = expected[:expected.index(eot)]
         assert stop_reason == "end_of_text"
     assert got == expected
     assert text == tokenizer.decode([t for t in expected if t != eot], skip_special_tokens=False)
@@ -152,10 +153,20 @@ def assert_resume_ends_as_uninterrupted(tmp_path, model_args, plan):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, text_file):
-    """A folder where the whole pipeline ran once: config, tokenizer, trained model, exports."""
+    """A folder where the whole pipeline ran once: config, tokenizer, trained model, exports (the
+    default architecture: windowed)."""
     folder = tmp_path_factory.mktemp("pipeline")
     return folder, run_pipeline(folder, [*TINY, "-y"], ["--dataset_path", text_file, "--max_steps", "300",
                                                         "--learning_rate", "0.003", "--batch_size", "32", "-y"])
+
+
+@pytest.fixture(scope="session")
+def gpt2_trained(tmp_path_factory, text_file):
+    """The same with GPT-2's graph (--architecture gpt2: learned positions, exact within its block,
+    the context rule past it), for what only such a model does."""
+    folder = tmp_path_factory.mktemp("gpt2_pipeline")
+    return folder, run_pipeline(folder, [*GPT2, *TINY, "-y"], ["--dataset_path", text_file, "--max_steps", "300",
+                                                               "--learning_rate", "0.003", "--batch_size", "32", "-y"])
 
 
 class Terminal:

@@ -63,7 +63,8 @@ def chat_file(tmp_path_factory):
 def chat_trained(tmp_path_factory, chat_file):
     """A tiny char-level chat model trained from scratch on the conversations, and exported."""
     folder = tmp_path_factory.mktemp("chat_model")
-    return folder, run_pipeline(folder, [*CHAT_TINY, "-y"], ["--dataset_path", chat_file, "--max_steps", 150, *QUICK])
+    return folder, run_pipeline(folder, [*CHAT_TINY, "-y"], ["--dataset_path", chat_file, "--max_steps", 150,
+                                                              "--max_epochs", 1000, *QUICK])
 
 
 def assert_the_chat_check_passes(folder):
@@ -346,8 +347,9 @@ def test_a_bpe_chat_model_from_scratch_and_its_cuts_reported(tmp_path):
     long_talk = {"messages": [{"role": "user", "content": "Spell " + "ka" * 30},
                               {"role": "assistant", "content": "-".join("ka" * 30)}]}
     path = write_jsonl(tmp_path / "chats.jsonl", make_conversations(300, seed=4) + [long_talk] * 2)
-    assert run_script("llm_model.py", *CHAT_TINY, "--tokenizer", "bpe", "--vocab_size", 300, "-y",
-                      cwd=tmp_path).returncode == 0
+    # Rows of one window (64 tokens), which the two long conversations outgrow.
+    assert run_script("llm_model.py", *CHAT_TINY, "--tokenizer", "bpe", "--vocab_size", 300, "--train_windows", 1,
+                      "-y", cwd=tmp_path).returncode == 0
     result = run_script("train_llm.py", "--dataset_path", path, "--max_steps", 20, *QUICK, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 conversations longer than a window lost their oldest turns" in result.stdout

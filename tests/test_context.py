@@ -197,3 +197,24 @@ def test_the_hugging_face_export_keeps_the_trained_positions(model_and_f32, tmp_
     write_hf_folder(model, tokenizer, str(tmp_path))
     config = transformers.AutoConfig.from_pretrained(str(tmp_path), local_files_only=True)
     assert config.n_positions == BLOCK
+
+
+@pytest.mark.parametrize("kind,tolerance", [("F32", 1e-5), ("F16", 1e-2), ("Q8_0", 5e-2)])
+def test_transformers_reads_a_gpt2_gguf_told_its_context(model_and_f32, kind, tolerance):
+    """transformers' own GGUF reader maps gpt2.context_length to GPT2Config.n_ctx, not to
+    n_positions, which sizes the position table: alone it makes 1,024 rows and refuses every GPT-2
+    GGUF whose table differs (ours: 4,096 rows; a table of the block alone was refused too). Told
+    n_positions, the file's context_length, it reads the file and computes the trained model."""
+    from transformers import AutoModelForCausalLM
+    model, _, folder, _ = model_and_f32
+    path = written(model_and_f32, kind)
+    rows = int(gguf.GGUFReader(str(path)).fields["gpt2.context_length"].parts[-1][0])
+    assert rows == GGUF_CONTEXT
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name, local_files_only=True,
+                                              n_positions=rows).eval()
+    ids = torch.randint(0, model.config["vocab_size"], (2, BLOCK), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(ids)[0], hf(ids).logits
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()

@@ -18,6 +18,7 @@ import custom_llm.atomic as atomic
 import custom_llm.export as export
 import custom_llm.gpt2 as gpt2
 import custom_llm.isolated as isolated
+import custom_llm.windowed as windowed
 from custom_llm.checks import HARD_STRINGS
 from custom_llm.errors import UserError
 from custom_llm.export import HFExport, block_size, fallback_tensors, quantize_atomic, tensor_types, write_gguf_atomic
@@ -70,7 +71,7 @@ def swap_two_tokens(real):
 
 
 def shift_one_tensor(real):
-    """The Hugging Face export with one weight changed: its logits differ from the model's."""
+    """GPT-2's Hugging Face export with one weight changed: its logits differ from the model's."""
     def tampered(model):
         state = real(model)
         state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + 1.0
@@ -78,12 +79,23 @@ def shift_one_tensor(real):
     return tampered
 
 
-@pytest.mark.parametrize("module,tamper,where,reason", [
-    (export, "vocab_and_merges", swap_two_tokens, "tokenizes"),
-    (gpt2, "hf_state_dict", shift_one_tensor, "logits differ"),
+def shift_one_hf_tensor(real):
+    """The windowed model's Hugging Face export with one weight changed (the GGUF's unchanged)."""
+    def tampered(model, reader):
+        tensors = real(model, reader)
+        if reader == "hf":
+            tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+        return tensors
+    return tampered
+
+
+@pytest.mark.parametrize("pipeline,module,tamper,where,reason", [
+    ("trained", export, "vocab_and_merges", swap_two_tokens, "tokenizes"),
+    ("trained", windowed, "exported_tensors", shift_one_hf_tensor, "logits differ"),
+    ("gpt2_trained", gpt2, "hf_state_dict", shift_one_tensor, "logits differ"),
 ])
-def test_a_failed_check_replaces_nothing(trained, tmp_path, monkeypatch, module, tamper, where, reason):
-    folder = copy_of_pipeline(trained, tmp_path)
+def test_a_failed_check_replaces_nothing(request, tmp_path, monkeypatch, pipeline, module, tamper, where, reason):
+    folder = copy_of_pipeline(request.getfixturevalue(pipeline), tmp_path)
     before = contents(folder)
     monkeypatch.setattr(module, tamper, where(getattr(module, tamper)))
     with pytest.raises(UserError) as failure:

@@ -190,10 +190,11 @@ def test_min_p_one_keeps_only_the_likeliest_token(trained):
     assert wild["text"] != greedy["text"]
 
 
-def test_repeat_penalty_follows_its_definition(trained):
+def test_repeat_penalty_follows_its_definition(gpt2_trained):
     """Greedy with a repeat penalty through llama.cpp (an F32 file) equals the same rule applied
-    by hand to the PyTorch model's logits, and differs from plain greedy."""
-    folder, _ = trained
+    by hand to the PyTorch model's logits (GPT-2's: the context rule by hand too), and differs
+    from plain greedy."""
+    folder, _ = gpt2_trained
     config = load_config(str(folder / "model_config.pth"))
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
@@ -258,8 +259,10 @@ def test_inference_starts_without_torch():
 
 # ------------------------------------------------------------------- PyTorch KV cache
 
-def test_kv_cache_generate_equals_generate_without_cache(trained):
-    folder, _ = trained
+def test_kv_cache_generate_equals_generate_without_cache(gpt2_trained):
+    """GPT-2's cached generate() follows the context rule as re-reading every window does (the
+    windowed model's cache: test_windowed.py)."""
+    folder, _ = gpt2_trained
     config = load_config(str(folder / "model_config.pth"))
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))

@@ -112,8 +112,10 @@ def test_hf_export_loads_offline_and_matches(trained):
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("F32", 2e-3), ("F16", 1e-2)])
-def test_unquantized_gguf_greedy_text_equals_pytorch(trained, dtype, tolerance):
-    folder, _ = trained
+def test_unquantized_gguf_greedy_text_equals_pytorch(gpt2_trained, dtype, tolerance):
+    """A GPT-2 model's text slides at the block in the GGUF as in PyTorch, token for token (the
+    windowed model's far past the block: test_windowed_pipeline.py)."""
+    folder, _ = gpt2_trained
     config = load_config(str(folder / "model_config.pth"))
     model = load_trained_model(str(folder / "trained_model.pth"), config)
     tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
@@ -161,8 +163,10 @@ def test_seeded_sampling_is_reproducible(trained):
     assert runs[0] == runs[1] and runs[0].startswith(PROMPT)
 
 
-def test_empty_and_overlong_prompts(trained):
-    folder, _ = trained
+def test_empty_and_overlong_prompts(gpt2_trained):
+    """A GPT-2 model sees the last block of an overlong prompt, and says so (a windowed one reads
+    it whole: test_windowed_pipeline.py)."""
+    folder, _ = gpt2_trained
     empty = run_script("inference_gguf.py", "--query", "", "--max_tokens", 30, "--temperature", "0",
                        cwd=folder)
     assert empty.returncode == 0 and len(empty.stdout.strip()) > 0

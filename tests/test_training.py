@@ -256,7 +256,7 @@ def test_validation_every_interval_since_the_last_and_at_each_epoch_end(configur
 def test_files_survive_sigkill_at_random_moments(configured, tmp_path_factory):
     folder, text_file = configured
     rng = random.Random(0)
-    plan = ["--max_steps", 400, "--eval_interval", 5, "--checkpoint_interval", 7]
+    plan = ["--max_steps", 400, "--max_epochs", 1000, "--eval_interval", 5, "--checkpoint_interval", 7]
     # Checkpoints every 7 steps and log lines every 5: a kill usually falls after lines that the
     # last checkpoint does not cover, which the resumed run writes again.
     kills = 0
@@ -378,12 +378,12 @@ def test_damaged_model_files(trained, tmp_path, damage):
         bad.write_bytes(good[:len(good) // 2])
     else:
         state = torch.load(folder / "trained_model.pth", weights_only=True)
-        state["wpe.weight"] = torch.zeros(7, state["wpe.weight"].shape[1])
+        state["wte.weight"] = torch.zeros(7, state["wte.weight"].shape[1])
         torch.save(state, bad)
     line = one_line_error(run_script("convert_to_gguf.py", "--model_path", bad, cwd=folder))
     assert "bad.pth" in line
     if damage == "other config":
-        assert "wpe.weight" in line
+        assert "wte.weight" in line
 
 
 def test_tokenizer_that_does_not_match_the_model(trained, tmp_path):
@@ -543,7 +543,7 @@ def test_two_processes_equal_one_with_the_same_effective_batch(configured, tmp_p
     assert one.returncode == 0, one.stderr
     two = torchrun(folder, *plan, "--max_steps", 20)
     assert two.returncode == 0, two.stderr
-    assert "effective batch 16 windows" in two.stdout and "8 x 2 process(es) x 1" in two.stdout
+    assert "effective batch 16 sequences" in two.stdout and "8 x 2 process(es) x 1" in two.stdout
     assert two.stdout.count("Epoch 1/") == 1  # only rank 0 prints
     a = torch.load(single / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(folder / "checkpoint.pth", weights_only=True)["model"]

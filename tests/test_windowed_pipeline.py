@@ -4,6 +4,8 @@ with llama.cpp's own window (docs/windowed.md)."""
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def load(folder):
 
 def test_the_architecture_is_a_flag_and_the_questions_keep_their_order(tmp_path):
     answers = "char\n64\n4\n2\n32\n0.0\n"   # vocabulary, n_embd, n_head, n_layer, block_size, dropout
-    result = run_script("llm_model.py", "--architecture", "windowed", cwd=tmp_path, input=answers)
+    result = run_script("llm_model.py", cwd=tmp_path, input=answers)      # the default architecture
     assert result.returncode == 0, result.stderr
     config = load_config(str(tmp_path / "model_config.pth"))
     assert (config["architecture"], config["train_windows"], config["n_embd"], config["block_size"]) == \
@@ -53,7 +55,7 @@ def test_the_architecture_is_a_flag_and_the_questions_keep_their_order(tmp_path)
         assert run_script("llm_model.py", "--train_windows", str(windows), *WINDOWED, "-y", cwd=tmp_path).returncode == 0
         config = load_config(str(tmp_path / "model_config.pth"))
         assert (config["train_windows"], sequence_length(config)) == (windows, windows * config["block_size"])
-    gpt2 = run_script("llm_model.py", *TINY, "-y", cwd=tmp_path)
+    gpt2 = run_script("llm_model.py", "--architecture", "gpt2", *TINY, "-y", cwd=tmp_path)
     assert gpt2.returncode == 0
     config = load_config(str(tmp_path / "model_config.pth"))
     assert config["architecture"] == "gpt2" and "train_windows" not in config   # as before the choice
@@ -176,6 +178,62 @@ def test_a_windowed_chat_model_passes_the_chat_check(tmp_path, chat_file):
     answers = [json.loads(line) for line in chat.stdout.splitlines()]
     assert len(answers) == 4 and "no longer fit" not in chat.stderr
     assert len(answers[-1]["messages"]) == 8 and answers[-1]["n_prompt_tokens"] > 64
+    assert_ten_turns_as_in_pytorch(tmp_path)
+
+
+# A conversation held in llama-cpp-python as its users hold one: Llama at its defaults (n_ctx 512),
+# the file's chat template, create_chat_completion greedy, each answer kept for the next turn.
+CHAT_COMPLETION_CHILD = r"""
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], verbose=False)
+messages, answers = [], []
+for question in json.loads(sys.argv[2]):
+    messages.append({"role": "user", "content": question})
+    answers.append(llm.create_chat_completion(messages=messages, max_tokens=int(sys.argv[3]),
+                                              temperature=0)["choices"][0]["message"]["content"])
+    messages.append({"role": "assistant", "content": answers[-1]})
+print(json.dumps({"answers": answers, "n_ctx": llm.n_ctx()}))
+"""
+
+
+def assert_ten_turns_as_in_pytorch(folder, max_tokens=12):
+    """Ten questions, each reader keeping its own answers: create_chat_completion at its default
+    context and inference_gguf.py --chat give PyTorch's answers turn by turn, far past the block,
+    until a near tie (two tokens within the F16 tolerance) lets float rounding part them."""
+    from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
+    from custom_llm.checks import compare_answers
+    from custom_llm.export import GGUF
+    config, model, tokenizer = load(folder)
+    template = template_of_config(config, tokenizer)
+    chat, answer_ends = ChatFormat(tokenizer, template), end_ids(tokenizer, template)
+    questions = [f"{'Spell' if i % 2 else 'Reverse'} {word}" for i, word in enumerate(
+        ["kadu", "bimo", "toka", "lemu", "sivo", "rapi", "nuke", "fola", "dime", "gaso"])]
+    completion = subprocess.run([sys.executable, "-c", CHAT_COMPLETION_CHILD, str(folder / "model.gguf"),
+                                 json.dumps(questions), str(max_tokens)], capture_output=True, text=True)
+    assert completion.returncode == 0, completion.stderr
+    found = json.loads(completion.stdout.strip().splitlines()[-1])
+    assert found["n_ctx"] == 512
+    script = run_script("inference_gguf.py", "--chat", "--temperature", "0", "--max_tokens", max_tokens, "--json",
+                        cwd=folder, input="".join(q + "\n" for q in questions))
+    assert script.returncode == 0, script.stderr
+    by_script = [json.loads(line)["text"] for line in script.stdout.splitlines()]
+    for reader, answers in (("create_chat_completion", found["answers"]), ("inference_gguf.py --chat", by_script)):
+        assert len(answers) == len(questions), reader
+        messages = []
+        for turn, (question, got) in enumerate(zip(questions, answers)):
+            messages.append({"role": "user", "content": question})
+            prompt = chat.encode(messages, add_generation_prompt=True)[0].tolist()
+            expected = model.generate(torch.tensor([prompt]), max_tokens, temperature=0)[0, len(prompt):].tolist()
+            ends = [i for i, t in enumerate(expected) if t in answer_ends]
+            expected = expected[:ends[0] + 1] if ends else expected
+            got_ids = encode(tokenizer, got) + (expected[-1:] if ends else [])
+            verdict = compare_answers(model, prompt, expected, got_ids, GGUF.tolerance)
+            assert verdict in ("equal", "near tie"), (reader, turn, question, got, tokenizer.decode(expected))
+            if verdict == "near tie":
+                break
+            messages.append({"role": "assistant", "content": got})
+        if verdict == "equal":
+            assert len(prompt) > 3 * 64, reader     # the tenth turn is read far past the block of 64
 
 
 # ------------------------------------------------------------------------------ stage 4
