@@ -326,36 +326,6 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
             "parameters": model.num_parameters(), "budgets": budgets}
 
 
-# llama-cpp-python as a user of it holds a conversation: Llama at its defaults, the file's chat
-# template, create_chat_completion greedy, each answer kept. Run in a child process (no torch).
-LLAMA_CHILD = r"""
-import json, sys, llama_cpp
-path, max_tokens = sys.argv[1], int(sys.argv[2])
-llm = llama_cpp.Llama(model_path=path, verbose=False)
-answers = []
-for questions in json.load(sys.stdin):
-    messages, said = [], []
-    for question in questions:
-        messages.append({"role": "user", "content": question})
-        text = llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                          temperature=0)["choices"][0]["message"]["content"] or ""
-        messages.append({"role": "assistant", "content": text})
-        said.append(text)
-    answers.append(said)
-print(json.dumps({"answers": answers, "n_ctx": llm.n_ctx()}))
-"""
-
-
-def converse_in_llama(path: str, conversations: list, max_tokens: int):
-    questions = [[question for _, question, _ in asked] for asked in conversations]
-    result = subprocess.run([sys.executable, "-c", LLAMA_CHILD, path, str(max_tokens)], input=json.dumps(questions),
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"create_chat_completion failed: {result.stderr.strip()[-600:]}")
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    return found["answers"], found["n_ctx"]
-
-
 def converse_in_script(folder: str, conversations: list, max_tokens: int) -> list:
     """inference_gguf.py --chat, each conversation's questions piped in, one JSON object per answer."""
     answers = []
@@ -373,6 +343,7 @@ def converse_in_script(folder: str, conversations: list, max_tokens: int) -> lis
 def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
     """--turns: each reader's answers, [[text of each turn] of each conversation], its own earlier
     answers kept in the conversation; and the PyTorch prompts' lengths by turn."""
+    from custom_llm import isolated
     from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
     from custom_llm.checks import greedy_answer
     from custom_llm.files import load_config, load_trained_model
@@ -401,7 +372,8 @@ def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
         lengths.append(sizes)
     timings["PyTorch"] = time.time() - started
     started = time.time()
-    answers["create_chat_completion"], n_ctx = converse_in_llama(os.path.join(folder, "model.gguf"), conversations,
+    questions = [[question for _, question, _ in asked] for asked in conversations]
+    answers["create_chat_completion"], n_ctx = isolated.converse(os.path.join(folder, "model.gguf"), questions,
                                                                  max_tokens)
     timings["create_chat_completion"] = time.time() - started
     started = time.time()
@@ -412,8 +384,14 @@ def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
 
 
 def report_turns(conversations: list, scored: dict, cpu: str) -> None:
+    """Exact match by turn number. An answer a reader did not give (create_chat_completion refuses
+    a conversation longer than its context, and the conversation ends there) counts as wrong."""
     config, answers = scored["config"], scored["answers"]
     turns, n = len(conversations[0]), len(conversations)
+
+    def exact(said, i, turn):
+        return turn < len(said[i]) and said[i][turn] is not None and said[i][turn].strip() == conversations[i][turn][2]
+
     print(f"\n## Exact match by turn number: {n} held-out conversations of {turns} questions, greedy, "
           f"each reader's own answers kept ({config.get('architecture', 'gpt2')}, block_size "
           f"{config['block_size']}; create_chat_completion's n_ctx {scored['n_ctx']}; CPU: {cpu})\n")
@@ -421,17 +399,20 @@ def report_turns(conversations: list, scored: dict, cpu: str) -> None:
     print("|---:|---:|" + "---:|" * len(answers))
     for turn in range(turns):
         mean_length = sum(sizes[turn] for sizes in scored["lengths"]) / n
-        cells = [percent(sum(said[i][turn].strip() == conversations[i][turn][2] if turn < len(said[i]) else False
-                             for i in range(n)), n) for said in (answers[name] for name in answers)]
+        cells = [percent(sum(exact(said, i, turn) for i in range(n)), n) for said in answers.values()]
         print(f"| {turn + 1} | {mean_length:.0f} | " + " | ".join(cells) + " |")
-    total = [percent(sum(said[i][t].strip() == conversations[i][t][2] for i in range(n) for t in range(turns)
-                         if t < len(said[i])), n * turns) for said in answers.values()]
-    print(f"| all | | " + " | ".join(total) + " |")
+    totals = [percent(sum(exact(said, i, t) for i in range(n) for t in range(turns)), n * turns)
+              for said in answers.values()]
+    print("| all | | " + " | ".join(totals) + " |")
+    for name, said in answers.items():
+        refused = [len(s) for s in said if s and s[-1] is None]
+        if refused:
+            print(f"\n{name}: {len(refused)} of {n} conversations refused by the front end at turn "
+                  f"{min(refused)} to {max(refused)} (longer than its context); their later turns count as wrong")
     print("\nseconds to hold every conversation: "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in scored["timings"].items()))
-    first = conversations[0]
     print(f"\nThe first conversation ({cpu}):")
-    for turn, (_, question, expected) in enumerate(first):
+    for turn, (_, question, expected) in enumerate(conversations[0]):
         print(f"  {turn + 1}. {question!r} -> expected {expected!r}; "
               + "; ".join(f"{name} {said[0][turn]!r}" for name, said in answers.items() if turn < len(said[0])))
 

@@ -1,5 +1,6 @@
-"""llama.cpp's part of convert_to_gguf.py's checks and report, run in a child process that never
-imports torch.
+"""llama.cpp's part of convert_to_gguf.py's checks and report (and a conversation held as
+llama-cpp-python's users hold one, for the tests and benchmarks), run in a child process that
+never imports torch.
 
 llama.cpp can end its whole process: an assert that aborts, a segfault in a backend (one was seen
 at model load on a GPU machine, in a process that also held torch's CUDA libraries). Run here, such
@@ -75,6 +76,15 @@ def chat(path: str, conversations: list, max_tokens: list):
     return run("chat", path=path, conversations=conversations, max_tokens=max_tokens)
 
 
+def converse(path: str, conversations: list, max_tokens: int):
+    """(each conversation's answers, one text per user message, and the context llama.cpp opened):
+    the messages asked one by one as a user of llama-cpp-python holds a conversation, each answer
+    kept for the next turn. Llama at its defaults (n_ctx 512, f16 cache), the file's chat
+    template, create_chat_completion at temperature 0. A conversation that outgrows the context
+    is refused by llama-cpp-python (a ValueError): that answer is None, and the conversation ends."""
+    return run("converse", path=path, conversations=conversations, max_tokens=max_tokens)
+
+
 # ------------------------------------------------------------------ the child
 
 def _logits_model(path, windows):
@@ -132,7 +142,28 @@ def _chat(path, conversations, max_tokens):
     return answers
 
 
-JOBS = {"read_back": _read_back, "scores": _scores, "chat": _chat, "greedy": _greedy}
+def _converse(path, conversations, max_tokens):
+    from llama_cpp import Llama
+    from custom_llm.runtime import no_weight_repacking
+    with no_weight_repacking():    # as the project loads a GGUF: AMX repacking crashes quantized files
+        llm = Llama(model_path=path, verbose=False)
+    answers = []
+    for questions in conversations:
+        messages, said = [], []
+        for question in questions:
+            messages.append({"role": "user", "content": question})
+            try:
+                reply = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0)
+            except ValueError:     # "Requested tokens (547) exceed context window of 512"
+                said.append(None)
+                break
+            said.append(reply["choices"][0]["message"]["content"] or "")
+            messages.append({"role": "assistant", "content": said[-1]})
+        answers.append(said)
+    return answers, llm.n_ctx()
+
+
+JOBS = {"read_back": _read_back, "scores": _scores, "chat": _chat, "greedy": _greedy, "converse": _converse}
 
 
 def _child(job: str, input_path: str, output_path: str) -> None:

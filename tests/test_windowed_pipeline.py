@@ -4,8 +4,6 @@ with llama.cpp's own window (docs/windowed.md)."""
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from conftest import (TINY, assert_resume_ends_as_uninterrupted, assert_same_gre
                       run_pipeline, run_script)
 from test_chat import CHAT_TINY, chat_file, make_conversations, write_jsonl  # noqa: F401  (chat_file: a fixture)
 
-from custom_llm import data, gguf_keys
+from custom_llm import data, gguf_keys, isolated
 from custom_llm.architectures import sequence_length
 from custom_llm.corpus import find_documents
 from custom_llm.export import write_gguf_atomic
@@ -181,21 +179,6 @@ def test_a_windowed_chat_model_passes_the_chat_check(tmp_path, chat_file):
     assert_ten_turns_as_in_pytorch(tmp_path)
 
 
-# A conversation held in llama-cpp-python as its users hold one: Llama at its defaults (n_ctx 512),
-# the file's chat template, create_chat_completion greedy, each answer kept for the next turn.
-CHAT_COMPLETION_CHILD = r"""
-import json, sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], verbose=False)
-messages, answers = [], []
-for question in json.loads(sys.argv[2]):
-    messages.append({"role": "user", "content": question})
-    answers.append(llm.create_chat_completion(messages=messages, max_tokens=int(sys.argv[3]),
-                                              temperature=0)["choices"][0]["message"]["content"])
-    messages.append({"role": "assistant", "content": answers[-1]})
-print(json.dumps({"answers": answers, "n_ctx": llm.n_ctx()}))
-"""
-
-
 def assert_ten_turns_as_in_pytorch(folder, max_tokens=12):
     """Ten questions, each reader keeping its own answers: create_chat_completion at its default
     context and inference_gguf.py --chat give PyTorch's answers turn by turn, far past the block,
@@ -208,17 +191,14 @@ def assert_ten_turns_as_in_pytorch(folder, max_tokens=12):
     chat, answer_ends = ChatFormat(tokenizer, template), end_ids(tokenizer, template)
     questions = [f"{'Spell' if i % 2 else 'Reverse'} {word}" for i, word in enumerate(
         ["kadu", "bimo", "toka", "lemu", "sivo", "rapi", "nuke", "fola", "dime", "gaso"])]
-    completion = subprocess.run([sys.executable, "-c", CHAT_COMPLETION_CHILD, str(folder / "model.gguf"),
-                                 json.dumps(questions), str(max_tokens)], capture_output=True, text=True)
-    assert completion.returncode == 0, completion.stderr
-    found = json.loads(completion.stdout.strip().splitlines()[-1])
-    assert found["n_ctx"] == 512
+    [by_completion], n_ctx = isolated.converse(str(folder / "model.gguf"), [questions], max_tokens)
+    assert n_ctx == 512
     script = run_script("inference_gguf.py", "--chat", "--temperature", "0", "--max_tokens", max_tokens, "--json",
                         cwd=folder, input="".join(q + "\n" for q in questions))
     assert script.returncode == 0, script.stderr
     by_script = [json.loads(line)["text"] for line in script.stdout.splitlines()]
-    for reader, answers in (("create_chat_completion", found["answers"]), ("inference_gguf.py --chat", by_script)):
-        assert len(answers) == len(questions), reader
+    for reader, answers in (("create_chat_completion", by_completion), ("inference_gguf.py --chat", by_script)):
+        assert len(answers) == len(questions) and None not in answers, reader   # none refused: all fit 512
         messages = []
         for turn, (question, got) in enumerate(zip(questions, answers)):
             messages.append({"role": "user", "content": question})
