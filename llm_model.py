@@ -92,6 +92,18 @@ def size_line(config: dict) -> str:
             "tokenizer's vocabulary is the characters of your text, counted by train_llm.py")
 
 
+def architecture_line(config: dict) -> str:
+    """What the architecture means for the user: where the model is exact."""
+    block = config["block_size"]
+    if config["architecture"] == windowed.NAME:
+        windows = config["train_windows"]
+        return (f"Architecture: windowed: rotary positions and a window of {block} tokens on every layer, the "
+                f"same model at any length in every reader; trained on rows of {windows} windows "
+                f"({windows * block} tokens). --architecture gpt2 for GPT-2's graph")
+    return (f"Architecture: gpt2: learned positions, exact within {block} tokens; past them inference_gguf.py "
+            "slides a window and other front ends run it worse (docs/context.md)")
+
+
 def train_windows(architecture: str, given) -> int:
     """Windows of block_size in one training row: --train_windows, else the architecture's default.
     GPT-2's learned positions end at the block, so its rows are one window."""
@@ -130,6 +142,7 @@ def main():
     check_memory(config)
     save_config(config, args.output)
     say(f"Saved {args.output}: {size_line(config)}")
+    say(architecture_line(config))
 
 
 if __name__ == "__main__":

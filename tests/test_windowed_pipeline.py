@@ -49,12 +49,14 @@ def test_the_architecture_is_a_flag_and_the_questions_keep_their_order(tmp_path)
     config = load_config(str(tmp_path / "model_config.pth"))
     assert (config["architecture"], config["train_windows"], config["n_embd"], config["block_size"]) == \
         ("windowed", 4, 64, 32)
+    assert "Architecture: windowed: rotary positions and a window of 32 tokens" in result.stdout
+    assert "rows of 4 windows (128 tokens)" in result.stdout
     for windows in (2, 1):   # 1 is saved too: the architecture's default would take its place
         assert run_script("llm_model.py", "--train_windows", str(windows), *WINDOWED, "-y", cwd=tmp_path).returncode == 0
         config = load_config(str(tmp_path / "model_config.pth"))
         assert (config["train_windows"], sequence_length(config)) == (windows, windows * config["block_size"])
     gpt2 = run_script("llm_model.py", "--architecture", "gpt2", *TINY, "-y", cwd=tmp_path)
-    assert gpt2.returncode == 0
+    assert gpt2.returncode == 0 and "Architecture: gpt2: learned positions, exact within 32 tokens" in gpt2.stdout
     config = load_config(str(tmp_path / "model_config.pth"))
     assert config["architecture"] == "gpt2" and "train_windows" not in config   # as before the choice
 
