@@ -11,7 +11,8 @@ shape that cannot train is refused now, with its reason, not later in training. 
 is an architecture module (custom_llm/architectures.py), chosen with --architecture: windowed, the
 default (docs/windowed.md: rotary positions and a window of block_size tokens on every layer, the
 same model at any length in every reader, trained on rows of --train_windows windows), or gpt2
-(learned positions: the exported model is exact within block_size tokens only). `from llm_model import build_model` makes the model a saved config describes.
+(learned positions: the exported model is exact within block_size tokens only).
+`from llm_model import build_model` makes the model a saved config describes.
 """
 
 from custom_llm import windowed

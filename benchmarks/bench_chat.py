@@ -285,6 +285,14 @@ def training_summary(folder: str) -> dict:
 
 # ------------------------------------------------------------------------------ scoring
 
+def answer_text(tokenizer, ids: list, answer_ends) -> str:
+    """An answer's text: its ids decoded without the tokens that end it."""
+    from custom_llm.tokenizer import decode
+    while ids and ids[-1] in answer_ends:
+        ids = ids[:-1]
+    return decode(tokenizer, ids)
+
+
 def score(folder: str, held_out: list, max_tokens: int) -> dict:
     """Each format's answers: {format: [(answer text, ended by end-of-turn)]}, and the prompts'
     agreement with PyTorch's formatting."""
@@ -292,7 +300,7 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
     from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
     from custom_llm.checks import greedy_answer
     from custom_llm.files import load_config, load_trained_model
-    from custom_llm.tokenizer import decode, load_tokenizer
+    from custom_llm.tokenizer import load_tokenizer
 
     config = load_config(os.path.join(folder, "model_config.pth"))
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
@@ -306,10 +314,7 @@ def score(folder: str, held_out: list, max_tokens: int) -> dict:
     budgets = [max(1, min(max_tokens, config["block_size"] - len(p))) for p in prompts]
 
     def text_of(ids):
-        ended = bool(ids) and ids[-1] == end_of_turn
-        while ids and ids[-1] in answer_ends:
-            ids = ids[:-1]
-        return decode(tokenizer, ids), ended
+        return answer_text(tokenizer, ids, answer_ends), bool(ids) and ids[-1] == end_of_turn
 
     answers, timings, same_prompts = {}, {}, {}
     started = time.time()
@@ -347,7 +352,7 @@ def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
     from custom_llm.chat_format import ChatFormat, end_ids, template_of_config
     from custom_llm.checks import greedy_answer
     from custom_llm.files import load_config, load_trained_model
-    from custom_llm.tokenizer import decode, load_tokenizer
+    from custom_llm.tokenizer import load_tokenizer
 
     config = load_config(os.path.join(folder, "model_config.pth"))
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer.json"))
@@ -362,10 +367,7 @@ def score_turns(folder: str, conversations: list, max_tokens: int) -> dict:
         for _, question, _ in asked:
             messages.append({"role": "user", "content": question})
             prompt = chat.encode(messages, add_generation_prompt=True)[0].tolist()
-            ids = greedy_answer(model, prompt, max_tokens, answer_ends)
-            while ids and ids[-1] in answer_ends:
-                ids = ids[:-1]
-            said.append(decode(tokenizer, ids))
+            said.append(answer_text(tokenizer, greedy_answer(model, prompt, max_tokens, answer_ends), answer_ends))
             sizes.append(len(prompt))
             messages.append({"role": "assistant", "content": said[-1]})
         answers["PyTorch"].append(said)
@@ -390,7 +392,8 @@ def report_turns(conversations: list, scored: dict, cpu: str) -> None:
     turns, n = len(conversations[0]), len(conversations)
 
     def exact(said, i, turn):
-        return turn < len(said[i]) and said[i][turn] is not None and said[i][turn].strip() == conversations[i][turn][2]
+        answer = said[i][turn] if turn < len(said[i]) else None
+        return answer is not None and answer.strip() == conversations[i][turn][2]
 
     print(f"\n## Exact match by turn number: {n} held-out conversations of {turns} questions, greedy, "
           f"each reader's own answers kept ({config.get('architecture', 'gpt2')}, block_size "

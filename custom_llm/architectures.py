@@ -12,6 +12,8 @@ Each module provides:
     TRAIN_WINDOWS                      windows of block_size a training row holds by default
                                        (1: the model reads at most block_size tokens)
     CHECK_WINDOWS                      windows of the export checks' long pass (1: the block)
+    ACTIVATION_BYTES                   {bfloat16: bytes} training keeps per token, layer and n_embd
+                                       (memory.py)
 """
 
 from custom_llm import gpt2, windowed

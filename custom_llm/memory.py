@@ -20,7 +20,8 @@ def training_memory_bytes(config: dict, windows: int, bfloat16: bool = False, ba
     import psutil
     T, C, L, V = sequence_length(config), config["n_embd"], config["n_layer"], config["vocab_size"]
     base = psutil.Process().memory_info().rss if base_bytes is None else base_bytes
-    activations = windows * T * (L * C * architecture_of(config).ACTIVATION_BYTES[bool(bfloat16)] + V * LOGIT_BYTES)
+    per_token_layer = architecture_of(config).ACTIVATION_BYTES[bool(bfloat16)]
+    activations = windows * T * (L * C * per_token_layer + V * LOGIT_BYTES)
     return base + WORKSPACE_BYTES + 16 * count_parameters(config) + activations
 
 
