@@ -475,23 +475,6 @@ def report(held_out: list, scored: dict, cpu: str) -> None:
 
 # ------------------------------------------------------------------------------ main
 
-def turn_run(folder: str, training: list, held_out: list, args, cpu: str) -> None:
-    """--turns: train on conversations of 1 to TURNS questions, then hold the held-out ones turn by turn."""
-    lengths = [n_tokens(as_messages(asked)) for asked in held_out]
-    print(f"folder: {folder}\ndata: {len(training):,} training conversations of 1 to {args.turns} questions "
-          f"(seed {args.seed}); {len(held_out)} held-out conversations of {args.turns} questions on words not "
-          f"in them, {min(lengths)} to {max(lengths)} tokens with the expected answers\n")
-    train_seconds = None
-    if not args.workdir:
-        write_jsonl(os.path.join(folder, "train.jsonl"), training)
-        train_seconds = run_stages(folder, args)
-    scored = score_turns(folder, held_out, args.max_tokens)
-    describe_training(folder, scored, train_seconds, cpu)
-    report_turns(held_out, scored, cpu)
-    if not args.keep and not args.workdir:
-        subprocess.run(["rm", "-rf", folder])
-
-
 def describe_training(folder: str, scored: dict, train_seconds, cpu: str) -> None:
     summary = training_summary(folder)
     config = scored["config"]
@@ -564,22 +547,28 @@ def main():
     print(f"command: python benchmarks/bench_chat.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}".rstrip())
     folder = args.workdir or tempfile.mkdtemp(prefix="bench-chat-")
     if args.turns > 1:
-        turn_run(folder, training, held_out, args, cpu)
-        return
-    about = " and ".join(kind for kind, asked in (("words", set(tasks) & set(WORD_TASKS)),
-                                                   ("number pairs", "add" in tasks)) if asked)
-    print(f"folder: {folder}\ndata: {len(training):,} training conversations of tasks {', '.join(tasks)} "
-          f"(seed {args.seed}); {len(held_out)} held-out questions on {about} not in them, "
-          f"{sum(follows_earlier(m) for _, m, _ in held_out)} of them after an earlier question and its answer, "
-          f"{sum(m[0]['role'] == 'system' for _, m, _ in held_out)} after a system message\n")
+        lengths = [n_tokens(as_messages(asked)) for asked in held_out]
+        data = (f"{len(training):,} training conversations of 1 to {args.turns} questions (seed {args.seed}); "
+                f"{len(held_out)} held-out conversations of {args.turns} questions on words not in them, "
+                f"{min(lengths)} to {max(lengths)} tokens with the expected answers")
+        scoring, reporting = score_turns, report_turns
+    else:
+        about = " and ".join(kind for kind, asked in (("words", set(tasks) & set(WORD_TASKS)),
+                                                       ("number pairs", "add" in tasks)) if asked)
+        data = (f"{len(training):,} training conversations of tasks {', '.join(tasks)} (seed {args.seed}); "
+                f"{len(held_out)} held-out questions on {about} not in them, "
+                f"{sum(follows_earlier(m) for _, m, _ in held_out)} of them after an earlier question and its "
+                f"answer, {sum(m[0]['role'] == 'system' for _, m, _ in held_out)} after a system message")
+        scoring, reporting = score, report
+    print(f"folder: {folder}\ndata: {data}\n")
     train_seconds = None
     if not args.workdir:
         write_jsonl(os.path.join(folder, "train.jsonl"), training)
         train_seconds = run_stages(folder, args)
 
-    scored = score(folder, held_out, args.max_tokens)
+    scored = scoring(folder, held_out, args.max_tokens)
     describe_training(folder, scored, train_seconds, cpu)
-    report(held_out, scored, cpu)
+    reporting(held_out, scored, cpu)
     if not args.keep and not args.workdir:
         subprocess.run(["rm", "-rf", folder])
 
